@@ -1,0 +1,1 @@
+"""attnopt.codegen.cpu."""

@@ -1,0 +1,202 @@
+"""The ``attnopt::*`` custom operators that rewritten graphs call.
+
+One operator per variant family, all with the same schema, so an exported graph or an MLIR
+module names the variant each site runs::
+
+    attnopt::<family>(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor[] params,
+                      float scale, bool is_causal, str config) -> Tensor
+
+* ``q``: ``(B, Hq, Nq, D)``, ``k``: ``(B, Hkv, Nk, D)``, ``v``: ``(B, Hkv, Nk, Dv)`` (GQA when
+  ``Hkv < Hq``); the output is ``(B, Hq, Nq, Dv)`` in ``v``'s dtype.
+* ``attn_mask``: the mask the model computed, if any (bool: True = attend, or additive float).
+* ``params``: the site's fitted tensors (feature maps, block layouts, ...), in the order the
+  family's config names them.
+* ``is_causal``: bottom-right aligned causal constraint.
+* ``config``: JSON with the site name, the family's frozen config and mask facts
+  (``mask_static``, ``window``); it is a string so the op stays serialisable and exportable.
+
+Kernels are looked up per (family, device type) in :data:`KERNELS`; families register theirs
+with :func:`register_kernel`. The fake implementation gives shapes to ``torch.compile`` and
+``torch.export`` without running anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnopt.patterns.masks import additive_to_allowed, classify_allowed
+from attnopt.replacements.exact import combined_allowed
+
+__all__ = [
+    "FAMILY_OPS",
+    "KERNELS",
+    "AttentionCall",
+    "register_kernel",
+    "op_for",
+    "exact_attention",
+    "parse_config",
+]
+
+#: Families with an operator of their own. ``head_pruned`` is a weight rewrite that runs the
+#: ``exact`` operator with fewer heads, so it has none.
+FAMILY_OPS = ("exact", "block_sparse", "quantized", "linear", "shared")
+
+_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor[] params, float scale, "
+    "bool is_causal, str config) -> Tensor"
+)
+
+
+class AttentionCall:
+    """The resolved arguments of one operator call, handed to a kernel.
+
+    ``attn_mask`` is already reduced: a static mask recognised as none/causal/window at this
+    shape is dropped and expressed through ``causal``/``window`` instead.
+    """
+
+    __slots__ = ("q", "k", "v", "attn_mask", "params", "scale", "causal", "window", "config")
+
+    def __init__(self, q, k, v, attn_mask, params, scale, causal, window, config):
+        self.q: torch.Tensor = q
+        self.k: torch.Tensor = k
+        self.v: torch.Tensor = v
+        self.attn_mask: torch.Tensor | None = attn_mask
+        self.params: list[torch.Tensor] = params
+        self.scale: float = scale
+        self.causal: bool = causal
+        self.window: int | None = window
+        self.config: dict[str, Any] = config
+
+
+Kernel = Callable[[AttentionCall], torch.Tensor]
+
+#: (family, device type) -> kernel. ``"exact"`` on every device is registered below.
+KERNELS: dict[tuple[str, str], Kernel] = {}
+
+
+def register_kernel(family: str, device_type: str) -> Callable[[Kernel], Kernel]:
+    """Decorator: make ``fn(call) -> Tensor`` the kernel of ``family`` on ``device_type``."""
+    if family not in FAMILY_OPS:
+        raise ValueError(f"Expected a family in {FAMILY_OPS}, but got {family!r}.")
+
+    def deco(fn: Kernel) -> Kernel:
+        KERNELS[(family, device_type)] = fn
+        return fn
+
+    return deco
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_config_cached(config: str) -> dict[str, Any]:
+    return json.loads(config) if config else {}
+
+
+def parse_config(config: str) -> dict[str, Any]:
+    """The operator's JSON config as a dict (cached: the same string comes every call)."""
+    return _parse_config_cached(config)
+
+
+# Static masks depend only on shapes, so their kind at a shape never changes: check once.
+_STATIC_MASK_KINDS: dict[tuple[str, tuple[int, ...], str], tuple[str, int | None]] = {}
+
+
+def _resolve_mask(
+    attn_mask: torch.Tensor | None, q_len: int, kv_len: int, is_causal: bool, config: dict[str, Any]
+) -> tuple[torch.Tensor | None, bool, int | None]:
+    """Reduce the model's mask to (tensor or None, causal, window) for the kernel."""
+    window = config.get("window")
+    if attn_mask is None:
+        return None, is_causal, window
+    if config.get("mask_static", False):
+        key = (config.get("site", ""), tuple(attn_mask.shape) + (q_len, kv_len), str(attn_mask.device))
+        kind = _STATIC_MASK_KINDS.get(key)
+        if kind is None:
+            allowed = additive_to_allowed(attn_mask)
+            kind = ("bias", None) if allowed is None else classify_allowed(allowed.expand(*allowed.shape[:-2], q_len, kv_len))
+            _STATIC_MASK_KINDS[key] = kind
+        name, win = kind
+        if name == "none":
+            return None, is_causal, window
+        if name == "causal":
+            return None, True, window
+        if name == "sliding_window":
+            return None, True, win
+    return attn_mask, is_causal, window
+
+
+def exact_attention(call: AttentionCall) -> torch.Tensor:
+    """The fastest dense path: ``F.scaled_dot_product_attention`` with attnopt's conventions."""
+    q, k, v = call.q, call.k, call.v
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    mask = call.attn_mask
+    is_causal = False
+    structural = None
+    if call.window:
+        structural = combined_allowed(q_len, kv_len, causal=True, window=call.window, device=q.device)
+    elif call.causal:
+        if q_len == kv_len:
+            is_causal = mask is None
+            if mask is not None:
+                structural = combined_allowed(q_len, kv_len, causal=True, window=None, device=q.device)
+        elif q_len > 1:
+            structural = combined_allowed(q_len, kv_len, causal=True, window=None, device=q.device)
+        # q_len == 1: a single query at the end of the sequence sees every key.
+    if structural is not None:
+        if mask is None:
+            mask = structural
+        elif mask.dtype == torch.bool:
+            mask = mask & structural
+        else:
+            mask = mask.masked_fill(~structural, float("-inf"))
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=call.scale)
+
+
+def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> torch.Tensor:
+    cfg = parse_config(config)
+    mask, causal, window = _resolve_mask(attn_mask, q.shape[-2], k.shape[-2], is_causal, cfg)
+    call = AttentionCall(q, k, v, mask, list(params), float(scale), causal, window, cfg)
+    kernel = KERNELS.get((family, q.device.type)) or KERNELS.get((family, "any"))
+    if kernel is None:
+        raise NotImplementedError(
+            f"attnopt::{family} has no kernel for device {q.device.type!r} (site {cfg.get('site', '?')}); "
+            f"registered: {sorted(KERNELS)}."
+        )
+    out = kernel(call)
+    return out if out.dtype == v.dtype else out.to(v.dtype)
+
+
+def _define(family: str) -> None:
+    qualname = f"attnopt::{family}"
+
+    @torch.library.custom_op(qualname, mutates_args=(), schema=_SCHEMA)
+    def _op(q, k, v, attn_mask, params, scale, is_causal, config):  # noqa: ANN001
+        return _run(family, q, k, v, attn_mask, params, scale, is_causal, config)
+
+    @_op.register_fake
+    def _fake(q, k, v, attn_mask, params, scale, is_causal, config):  # noqa: ANN001
+        return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=v.dtype)
+
+
+for _family in FAMILY_OPS:
+    _define(_family)
+
+register_kernel("exact", "any")(exact_attention)
+
+
+def op_for(family: str) -> torch._ops.OpOverload:
+    """The ``torch.ops.attnopt.<family>.default`` overload a rewritten graph calls."""
+    if family not in FAMILY_OPS:
+        raise ValueError(f"Expected a family with an operator {FAMILY_OPS}, but got {family!r}.")
+    return getattr(torch.ops.attnopt, family).default

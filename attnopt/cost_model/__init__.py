@@ -1,0 +1,1 @@
+"""attnopt.cost_model."""

@@ -1,0 +1,184 @@
+"""What every variant family provides, and the registry that finds them.
+
+A family is one module of :mod:`attnopt.replacements` that subclasses :class:`Family` and
+registers an instance with :func:`register_family`. For a site it
+
+* says whether it can serve the site at all (:meth:`Family.unsupported_reason`),
+* enumerates configurations and fits their parameters on calibration statistics
+  (:meth:`Family.candidates` → :class:`Candidate`),
+* defines what the variant computes (:meth:`Family.reference`, slow and obviously correct),
+* states FLOPs and bytes as sympy expressions of the shape (:meth:`Family.cost`).
+
+Families never time anything or choose: the cost model does that from the numbers they give.
+Configs are frozen, versioned dataclasses that round-trip through JSON (:class:`FamilyConfig`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import sympy
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnopt.calibration.stats import SiteStats
+    from attnopt.patterns.site import AttentionSite
+
+__all__ = [
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "Candidate",
+    "CostFormula",
+    "Family",
+    "FamilyConfig",
+    "SYMBOLS",
+    "get_family",
+    "register_family",
+]
+
+#: Every family name, in the order plans and ``optimize(families=...)`` spell them.
+FAMILY_NAMES = ("exact", "block_sparse", "quantized", "linear", "head_pruned", "shared")
+
+#: Shape symbols shared by every cost formula: batch, query heads, kv heads, query length,
+#: key length, head dim, value head dim, bytes per element of the site's dtype.
+SYMBOLS = dict(
+    zip(("B", "H", "Hkv", "Nq", "Nk", "D", "Dv", "E"), sympy.symbols("B H Hkv Nq Nk D Dv E", positive=True))
+)
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    """Base of every family's settings: frozen, versioned, JSON round-trippable.
+
+    Subclasses add fields with JSON-friendly types (int, float, str, bool, tuples of those)
+    and bump ``VERSION`` when a field's meaning changes.
+    """
+
+    VERSION: ClassVar[int] = 1
+    family: ClassVar[str] = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {"family": self.family, "version": self.VERSION, "fields": d}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FamilyConfig:
+        if d.get("family") != cls.family:
+            raise ValueError(f"Expected a {cls.family!r} config, but got family={d.get('family')!r}.")
+        if int(d.get("version", -1)) > cls.VERSION:
+            raise ValueError(
+                f"The {cls.family!r} config has version {d.get('version')}, newer than this attnopt "
+                f"understands ({cls.VERSION}); upgrade attnopt to load it."
+            )
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d["fields"].items() if k in types}
+        return cls(**fields)
+
+    def describe(self) -> str:
+        """Short human text for reports, e.g. ``"sink=4 window=512"``."""
+        return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+
+    def key(self) -> str:
+        """Stable string identity of the config (for caches)."""
+        return json.dumps(self.to_json(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class CostFormula:
+    """FLOPs and bytes of one candidate as sympy expressions of :data:`SYMBOLS`."""
+
+    flops: sympy.Expr
+    bytes: sympy.Expr
+
+    def evaluate(self, **shape: int) -> tuple[float, float]:
+        """Numbers at a concrete shape, e.g. ``evaluate(B=1, H=8, Hkv=8, Nq=4096, Nk=4096, D=64, Dv=64)``."""
+        subs = {SYMBOLS[k]: v for k, v in shape.items() if k in SYMBOLS}
+        return float(self.flops.subs(subs)), float(self.bytes.subs(subs))
+
+
+@dataclass
+class Candidate:
+    """One fitted way to compute one site.
+
+    Attributes:
+        site: the site's name.
+        family: a name from :data:`FAMILY_NAMES`.
+        config: the family's frozen config.
+        params: fitted tensors, in the order the operator receives them (saved as safetensors).
+        cost: FLOPs/bytes formulas.
+        error: measured relative L2 error of the site output on calibration data (filled by
+            the cost model's error measurement; families may pre-fill from fitting).
+        notes: anything a report should say (e.g. "density 0.12 at N=2048").
+    """
+
+    site: str
+    family: str
+    config: FamilyConfig
+    params: list[torch.Tensor] = field(default_factory=list)
+    cost: CostFormula | None = None
+    error: float | None = None
+    notes: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}({self.config.describe()})"
+
+
+class Family(ABC):
+    """Interface of a variant family (see the module docstring)."""
+
+    name: ClassVar[str]
+    config_type: ClassVar[type[FamilyConfig]]
+
+    def unsupported_reason(self, site: AttentionSite) -> str | None:
+        """``None`` if the family can serve ``site``, else one sentence saying why not."""
+        if not site.rewritable:
+            return f"site {site.name} is not rewritable ({site.reason})"
+        return None
+
+    @abstractmethod
+    def candidates(self, site: AttentionSite, stats: SiteStats) -> list[Candidate]:
+        """Configurations worth considering for ``site``, fitted on ``stats``."""
+
+    @abstractmethod
+    def reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        candidate: Candidate,
+        *,
+        scale: float,
+        causal: bool,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What the variant computes, written plainly; the ground truth for its kernels."""
+
+    @abstractmethod
+    def cost(self, site: AttentionSite, config: FamilyConfig) -> CostFormula:
+        """FLOPs and bytes of the variant as formulas of the shape."""
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` to :data:`FAMILIES` under its ``name``."""
+    if family.name not in FAMILY_NAMES:
+        raise ValueError(f"Expected a family name in {FAMILY_NAMES}, but got {family.name!r}.")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    """The registered family called ``name``; raises ``ValueError`` listing the known ones."""
+    import attnopt.replacements  # noqa: F401  (registers the built-in families)
+
+    if name not in FAMILIES:
+        raise ValueError(f"Unknown family {name!r}; expected one of {sorted(FAMILIES)}.")
+    return FAMILIES[name]

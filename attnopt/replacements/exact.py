@@ -1,0 +1,146 @@
+"""Exact attention: the definition every variant is measured against.
+
+``attention_reference`` is the ground truth of the whole library: a plain, float64-capable
+softmax attention with attnopt's conventions (bottom-right causal alignment, sliding windows
+counted including the diagonal, GQA by key/value groups, boolean or additive masks). The fast
+exact path (SDPA with the best backend) lives in :mod:`attnopt.codegen`; this module is slow
+on purpose and obviously correct.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnopt.patterns.masks import causal_allowed, window_allowed
+
+__all__ = ["attention_reference", "repeat_kv_heads", "combined_allowed"]
+
+
+def repeat_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Expand ``(B, Hkv, N, D)`` keys/values to ``num_heads`` query heads (GQA groups)."""
+    hkv = x.shape[1]
+    if hkv == num_heads:
+        return x
+    if num_heads % hkv:
+        raise ValueError(f"Expected query heads divisible by key/value heads, but got {num_heads} and {hkv}.")
+    return x.repeat_interleave(num_heads // hkv, dim=1)
+
+
+def combined_allowed(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    window: int | None,
+    device: torch.device | str,
+) -> torch.Tensor | None:
+    """The structural (causal / window) part of a mask as a boolean tensor, or None."""
+    if window:
+        return window_allowed(q_len, kv_len, window, device)
+    if causal:
+        return causal_allowed(q_len, kv_len, device)
+    return None
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention computed the obvious way, in the inputs' dtype.
+
+    Args:
+        q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``; v: ``(B, Hkv, Nk, Dv)``.
+        attn_mask: broadcastable to ``(B, Hq, Nq, Nk)``; bool (True = attend) or additive float.
+        scale: factor on ``q @ k^T``; ``None`` means ``D ** -0.5``.
+        causal: bottom-right aligned causal constraint.
+        window: keys visible per query, counted up to and including the diagonal.
+
+    Returns:
+        ``(B, Hq, Nq, Dv)``. Rows with no allowed key are zero (not NaN).
+    """
+    num_heads = q.shape[1]
+    k = repeat_kv_heads(k, num_heads)
+    v = repeat_kv_heads(v, num_heads)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    structural = combined_allowed(q.shape[-2], k.shape[-2], causal=causal, window=window, device=q.device)
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    if structural is not None:
+        scores = torch.where(structural, scores, neg_inf)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = torch.where(attn_mask, scores, neg_inf)
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(v.dtype)
+    return probs @ v
+
+
+# --- the exact family ---------------------------------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402
+
+import sympy  # noqa: E402
+
+from attnopt.replacements.base import (  # noqa: E402
+    SYMBOLS,
+    Candidate,
+    CostFormula,
+    Family,
+    FamilyConfig,
+    register_family,
+)
+
+
+@dataclass(frozen=True)
+class ExactConfig(FamilyConfig):
+    """Exact attention has no settings; the fastest dense backend is picked at run time."""
+
+    family = "exact"
+
+
+def dense_cost(site, density: sympy.Expr | float = 1) -> CostFormula:
+    """FLOPs/bytes of dense attention over a ``density`` share of the score matrix.
+
+    Two matmuls of ``Nq x Nk`` scores (``2*D`` and ``2*Dv`` FLOPs per score) plus the softmax
+    (~5 FLOPs per score); a causal site computes about half the scores. Bytes: q, k, v read
+    once and the output written once.
+    """
+    s = SYMBOLS
+    scores = s["B"] * s["H"] * s["Nq"] * s["Nk"] * density
+    if site.causal and not site.window:
+        scores = scores / 2
+    flops = scores * (2 * s["D"] + 2 * s["Dv"] + 5)
+    nbytes = s["E"] * s["B"] * (s["H"] * s["Nq"] * (s["D"] + s["Dv"]) + s["Hkv"] * s["Nk"] * (s["D"] + s["Dv"]))
+    return CostFormula(flops=flops, bytes=nbytes)
+
+
+class ExactFamily(Family):
+    """Always a candidate; choosing it everywhere reproduces the original outputs."""
+
+    name = "exact"
+    config_type = ExactConfig
+
+    def unsupported_reason(self, site) -> str | None:
+        return None
+
+    def candidates(self, site, stats) -> list[Candidate]:
+        return [Candidate(site=site.name, family=self.name, config=ExactConfig(), cost=self.cost(site, ExactConfig()), error=0.0)]
+
+    def reference(self, q, k, v, candidate, *, scale, causal, attn_mask=None):
+        return attention_reference(q, k, v, attn_mask, scale=scale, causal=causal)
+
+    def cost(self, site, config) -> CostFormula:
+        if site.window:
+            w = sympy.Min(site.window, SYMBOLS["Nk"])
+            return dense_cost(site, density=w / SYMBOLS["Nk"])
+        return dense_cost(site)
+
+
+register_family(ExactFamily())
