@@ -1,2 +1,15 @@
-"""attnopt: make attention in PyTorch models fast within an accuracy budget."""
+"""attnopt: make attention in PyTorch models fast within an accuracy budget.
+
+    model = attnopt.optimize(model, budget="2x", calib=batches)   # same model object, faster
+    torch.compile(model, backend="attnopt")                       # as a torch.compile backend
+    sites = attnopt.find_sites(model, input_ids=ids)              # what attention the model has
+"""
+
+from attnopt import codegen as _codegen  # noqa: F401  (registers the attnopt::* operators)
+from attnopt.api import find_sites, optimize
+from attnopt.cost_model.budget import Budget, parse_budget
+from attnopt.patterns.site import AttentionSite
+
 __version__ = "0.1.0"
+
+__all__ = ["AttentionSite", "Budget", "find_sites", "optimize", "parse_budget", "__version__"]

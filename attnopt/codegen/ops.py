@@ -163,9 +163,24 @@ def exact_attention(call: AttentionCall) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=call.scale)
 
 
+def _top_left_causal(attn_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """SDPA's own ``is_causal`` is top-left aligned; express it as a mask when Nq != Nk."""
+    tril = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+    if attn_mask is None:
+        return tril
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & tril
+    return attn_mask.masked_fill(~tril, float("-inf"))
+
+
 def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> torch.Tensor:
     cfg = parse_config(config)
-    mask, causal, window = _resolve_mask(attn_mask, q.shape[-2], k.shape[-2], is_causal, cfg)
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if is_causal and q_len != kv_len and cfg.get("causal_align") == "top_left":
+        attn_mask, is_causal = _top_left_causal(attn_mask, q_len, kv_len, q.device), False
+    if family != "exact" and q_len < int(cfg.get("min_q_len", 2)):
+        family = "exact"  # decode steps and tiny inputs: the variant does not pay off
+    mask, causal, window = _resolve_mask(attn_mask, q_len, kv_len, is_causal, cfg)
     call = AttentionCall(q, k, v, mask, list(params), float(scale), causal, window, cfg)
     kernel = KERNELS.get((family, q.device.type)) or KERNELS.get((family, "any"))
     if kernel is None:

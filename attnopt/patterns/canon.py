@@ -1,0 +1,250 @@
+"""A canonical view of FX nodes, so one matcher covers every capture method and spelling.
+
+The same computation appears as ``torch.matmul`` / ``operator.matmul`` / ``Tensor.matmul``
+(symbolic_trace, dynamo), ``aten.matmul.default`` (torch.export), ``bmm``, ``einsum``; a scale
+as ``mul``/``div``/``operator.truediv``; a mask as ``add``/``masked_fill``/``where``. ``canon``
+maps a node to a small :class:`Op` record — a kind from a fixed vocabulary plus normalised
+operands — or ``None`` when the node is none of them. Matchers are written against kinds only.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "Op",
+    "canon",
+    "node_val",
+    "node_shape",
+    "is_tensor_node",
+    "scalar_value",
+    "module_path_of",
+    "real_users",
+    "is_assertion",
+]
+
+aten = torch.ops.aten
+
+
+def _ov(packet_name: str, *overloads: str) -> set:
+    packet = getattr(aten, packet_name, None)
+    if packet is None:
+        return set()
+    return {getattr(packet, o) for o in overloads if hasattr(packet, o)}
+
+
+# kind -> (torch-level functions, Tensor method names, aten overloads)
+_TABLE: dict[str, tuple[set, set, set]] = {
+    "matmul": ({torch.matmul, operator.matmul, torch.bmm}, {"matmul", "bmm", "__matmul__"},
+               _ov("matmul", "default") | _ov("bmm", "default")),
+    "baddbmm": ({torch.baddbmm}, {"baddbmm"}, _ov("baddbmm", "default")),
+    "einsum": ({torch.einsum}, set(), _ov("einsum", "default")),
+    "softmax": ({F.softmax, torch.softmax}, {"softmax"}, _ov("softmax", "int") | _ov("_softmax", "default")),
+    "mul": ({operator.mul, torch.mul}, {"mul", "__mul__"}, _ov("mul", "Tensor", "Scalar")),
+    "div": ({operator.truediv, torch.div, torch.true_divide}, {"div", "__truediv__", "true_divide"},
+            _ov("div", "Tensor", "Scalar")),
+    "add": ({operator.add, torch.add}, {"add", "__add__"}, _ov("add", "Tensor", "Scalar")),
+    "masked_fill": ({torch.masked_fill}, {"masked_fill"}, _ov("masked_fill", "Scalar", "Tensor")),
+    "where": ({torch.where}, set(), _ov("where", "self", "ScalarOther", "ScalarSelf", "Scalar")),
+    "tanh": ({torch.tanh}, {"tanh"}, _ov("tanh", "default")),
+    "transpose": ({torch.transpose}, {"transpose"}, _ov("transpose", "int")),
+    "t": ({torch.t}, {"t"}, _ov("t", "default")),
+    "permute": ({torch.permute}, {"permute"}, _ov("permute", "default")),
+    "reshape": ({torch.reshape}, {"view", "reshape"},
+                _ov("view", "default") | _ov("reshape", "default") | _ov("_unsafe_view", "default")),
+    "expand": (set(), {"expand"}, _ov("expand", "default")),
+    "unsqueeze": ({torch.unsqueeze}, {"unsqueeze"}, _ov("unsqueeze", "default")),
+    "repeat_interleave": ({torch.repeat_interleave}, {"repeat_interleave"}, _ov("repeat_interleave", "self_int")),
+    "dropout": ({F.dropout, torch.dropout}, set(), _ov("dropout", "default")),
+    "sdpa": ({F.scaled_dot_product_attention}, set(), _ov("scaled_dot_product_attention", "default")),
+    "sdpa_fused": (set(), set(),
+                   _ov("_scaled_dot_product_flash_attention", "default")
+                   | _ov("_scaled_dot_product_flash_attention_for_cpu", "default")
+                   | _ov("_scaled_dot_product_efficient_attention", "default")
+                   | _ov("_scaled_dot_product_cudnn_attention", "default")),
+    # Value-preserving ops a chain may pass through (casts, copies, layout no-ops).
+    "identity": ({torch.clone}, {"contiguous", "clone", "float", "half", "bfloat16", "to", "type", "type_as", "detach"},
+                 _ov("clone", "default") | _ov("contiguous", "default") | _ov("_to_copy", "default")
+                 | _ov("to", "dtype", "dtype_layout", "device", "other") | _ov("alias", "default")
+                 | _ov("detach", "default") | _ov("lift_fresh_copy", "default")),
+}
+
+_BY_TARGET: dict[Any, str] = {}
+_BY_METHOD: dict[str, str] = {}
+for _kind, (_fns, _methods, _ovs) in _TABLE.items():
+    for _f in _fns | _ovs:
+        _BY_TARGET[_f] = _kind
+    for _m in _methods:
+        _BY_METHOD[_m] = _kind
+# SDPA is also reachable as the C binding dynamo records.
+_BY_TARGET[torch._C._nn.scaled_dot_product_attention] = "sdpa"
+
+
+@dataclass
+class Op:
+    """A node seen as a canonical operation: ``kind`` plus its arguments, self first."""
+
+    kind: str
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    node: fx.Node | None = None
+
+    @property
+    def input(self) -> Any:
+        return self.args[0] if self.args else None
+
+
+def _module_kind(gm: fx.GraphModule | None, node: fx.Node) -> str | None:
+    if gm is None:
+        return None
+    try:
+        mod = gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+    if isinstance(mod, nn.Softmax):
+        return "softmax"
+    if isinstance(mod, nn.Dropout):
+        return "dropout"
+    if isinstance(mod, nn.Identity):
+        return "identity"
+    return None
+
+
+def canon(node: Any, gm: fx.GraphModule | None = None) -> Op | None:
+    """The canonical :class:`Op` of ``node``, or ``None`` if it is not one we reason about."""
+    if not isinstance(node, fx.Node):
+        return None
+    kind = None
+    args, kwargs = tuple(node.args), dict(node.kwargs)
+    if node.op == "call_function":
+        kind = _BY_TARGET.get(node.target)
+        if kind is None and node.target is operator.getitem:
+            kind = _getitem_kind(node)
+    elif node.op == "call_method":
+        kind = _BY_METHOD.get(node.target)
+    elif node.op == "call_module":
+        kind = _module_kind(gm, node)
+        if kind == "softmax":
+            kwargs = {"dim": gm.get_submodule(node.target).dim}
+        elif kind == "dropout":
+            mod = gm.get_submodule(node.target)
+            kwargs = {"p": mod.p, "train": mod.training}
+    if kind is None:
+        return None
+    if kind == "where" and node.op == "call_function" and len(args) == 1:
+        return None  # torch.where(cond) returns indices
+    if kind == "identity" and node.target in ("to", "type") and not _preserves_values(node):
+        return None
+    return Op(kind, args, kwargs, node)
+
+
+def _preserves_values(node: fx.Node) -> bool:
+    # ``x.to(other_tensor)`` / ``x.to(dtype)`` / ``x.to(device)`` all keep values (up to a cast).
+    return True
+
+
+def _getitem_kind(node: fx.Node) -> str | None:
+    """``x[:, :, None]`` (dynamo's spelling of unsqueeze) is recognised; other indexing is not."""
+    idx = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(idx, tuple) or idx.count(None) != 1:
+        return None
+    if all(i is None or (isinstance(i, slice) and i == slice(None, None, None)) for i in idx):
+        return "getitem_unsqueeze"
+    return None
+
+
+def node_val(node: Any) -> Any:
+    """The example value (FakeTensor or tensor) FX recorded for ``node``, if any."""
+    if not isinstance(node, fx.Node):
+        return None
+    for key in ("val", "example_value"):
+        v = node.meta.get(key)
+        if v is not None:
+            return v
+    tm = node.meta.get("tensor_meta")
+    return tm
+
+
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """Concrete shape of ``node`` from its metadata (symbolic sizes use their hint)."""
+    v = node_val(node)
+    shape = getattr(v, "shape", None)
+    if shape is None:
+        return None
+    out = []
+    for s in shape:
+        if isinstance(s, torch.SymInt):
+            hint = s.node.hint if hasattr(s.node, "hint") else None
+            out.append(int(hint) if hint is not None else -1)
+        else:
+            out.append(int(s))
+    return tuple(out)
+
+
+def node_dtype(node: Any) -> torch.dtype | None:
+    """dtype recorded for ``node``."""
+    return getattr(node_val(node), "dtype", None)
+
+
+def is_tensor_node(node: Any) -> bool:
+    """Whether ``node`` produces a tensor (per its metadata; unknown counts as tensor)."""
+    if not isinstance(node, fx.Node):
+        return False
+    v = node_val(node)
+    if v is None:
+        return True
+    return hasattr(v, "shape")
+
+
+def scalar_value(x: Any) -> float | None:
+    """``x`` as a Python float if it is a number (or a 0-dim constant), else ``None``."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, torch.Tensor) and x.dim() == 0:
+        return float(x)
+    return None
+
+
+def module_path_of(node: fx.Node) -> str:
+    """Innermost owning module path from ``nn_module_stack``, normalised across capture methods.
+
+    torch.export writes ``model.layers.0.self_attn``; dynamo ``L['self'].model.layers.0.self_attn``
+    (older releases ``L['self'].model.layers[0]``); both map to ``model.layers.0.self_attn``.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return normalise_module_path(path)
+
+
+def normalise_module_path(path: str) -> str:
+    import re
+
+    path = re.sub(r"^L\[['\"]self['\"]\]\.?", "", path)
+    path = re.sub(r"^L\['fn'\]\.?", "", path)
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"getattr\(([^,]+), ['\"]([^'\"]+)['\"]\)", r"\1.\2", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    return path.strip(".")
+
+
+def is_assertion(node: fx.Node) -> bool:
+    """Checks torch.export inserts (``_assert_tensor_metadata`` and friends); they compute nothing."""
+    name = str(getattr(node.target, "__name__", node.target))
+    return node.op == "call_function" and name.startswith(("_assert", "aten._assert", "sym_constrain"))
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` that compute something (assertion nodes left out)."""
+    return [u for u in node.users if not is_assertion(u)]

@@ -1,0 +1,187 @@
+"""Run the matchers over a graph and turn each match into a normalised :class:`AttentionSite`.
+
+This is the one place where raw matches meet the model: masks are evaluated on the example
+and classified, projections and cross-attention are read off the dataflow, and names are given
+(owning module path + index). Results are written to ``node.meta["attnopt.site"]`` of each
+site's output node, as typed records (torch.fx pass habit).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from attnopt.patterns.canon import canon, module_path_of, node_dtype
+from attnopt.patterns.context import GraphContext
+from attnopt.patterns.masks import additive_to_allowed, causal_allowed, classify_allowed
+from attnopt.patterns.matchers import MATCHERS, SiteMatch
+from attnopt.patterns.site import AttentionSite
+from attnopt.patterns.walk import find_projection, strip_identity
+
+__all__ = ["find_sites_in_graph", "META_KEY"]
+
+log = logging.getLogger("attnopt.patterns")
+
+#: ``node.meta`` key holding the :class:`AttentionSite` of a site's output node.
+META_KEY = "attnopt.site"
+
+
+def find_sites_in_graph(ctx: GraphContext, module_paths: dict[str, str] | None = None) -> list[AttentionSite]:
+    """Every attention site of ``ctx``'s graph, in graph order.
+
+    Args:
+        ctx: the graph and its example inputs.
+        module_paths: optional map from raw module paths to the model's own (for graphs whose
+            module stack is missing, e.g. symbolic_trace of a plain function).
+
+    Returns:
+        Sites with ``site.graph`` set to the :class:`SiteMatch` the rewriter needs.
+    """
+    matches: list[SiteMatch] = []
+    by_kind = defaultdict(list)
+    for m in MATCHERS:
+        for a in m.anchors:
+            by_kind[a].append(m)
+    claimed: set[fx.Node] = set()
+    for node in ctx.graph.nodes:
+        op = canon(node, ctx.gm)
+        if op is None or op.kind not in by_kind or node in claimed:
+            continue
+        for matcher in by_kind[op.kind]:
+            match = matcher.match(ctx, node, op)
+            if match is not None:
+                matches.append(match)
+                claimed.add(match.output)
+                break
+    sites = [_to_site(ctx, m) for m in matches]
+    _assign_names(sites)
+    for s in sites:
+        s.graph.output.meta[META_KEY] = s
+    return sites
+
+
+def _assign_names(sites: list[AttentionSite]) -> None:
+    counts: dict[str, int] = defaultdict(int)
+    for s in sites:
+        s.index = counts[s.module_path]
+        counts[s.module_path] += 1
+        s.name = f"{s.module_path or '<root>'}#{s.index}"
+
+
+def _to_site(ctx: GraphContext, m: SiteMatch) -> AttentionSite:
+    mask, window, static, causal, mask_reason = _classify_mask(ctx, m)
+    q_proj = find_projection(m.q, ctx)
+    k_proj = find_projection(m.k, ctx)
+    v_proj = find_projection(m.v, ctx)
+    o_proj = _output_projection(ctx, m)
+    projections: dict[str, str] = {}
+    if q_proj and k_proj and v_proj and q_proj.module_path == k_proj.module_path == v_proj.module_path:
+        projections["qkv"] = q_proj.module_path
+    else:
+        for key, p in (("q", q_proj), ("k", k_proj), ("v", v_proj)):
+            if p is not None:
+                projections[key] = p.module_path
+    if o_proj is not None:
+        projections["o"] = o_proj
+    cross = bool(q_proj and k_proj and strip_identity(q_proj.input) is not strip_identity(k_proj.input))
+    reason = m.unsupported or mask_reason
+    dtype = node_dtype(m.q)
+    layout = {"bhnd": "bhnd"}.get(m.q_form, None) if isinstance(m.q_form, str) else (
+        "(bh)nd" if m.q_form[0] == "bh" else "einsum")
+    return AttentionSite(
+        name="",
+        module_path=module_path_of(m.output) or module_path_of(m.anchor),
+        index=0,
+        pattern=m.pattern,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        head_dim_v=m.head_dim_v,
+        q_len=m.q_len,
+        kv_len=m.kv_len,
+        batch=m.batch,
+        causal=causal,
+        scale=float(m.scale),
+        mask=mask,
+        window=window,
+        mask_static=static,
+        cross=cross,
+        dropout=m.dropout,
+        layout=layout or "bhnd",
+        dtype=str(dtype).replace("torch.", "") if dtype is not None else "unknown",
+        rewritable=reason is None,
+        reason=reason,
+        projections=projections,
+        graph=m,
+    )
+
+
+def _classify_mask(ctx: GraphContext, m: SiteMatch) -> tuple[str, int | None, bool, bool, str | None]:
+    """(kind, window, static, causal, reason-if-unrewritable) of the site's mask."""
+    if not m.mask_terms:
+        return ("causal" if m.is_causal else "none"), None, True, m.is_causal, None
+    static = not any(ctx.depends_on_input_values(t.node) for t in m.mask_terms)
+    allowed = None
+    for t in m.mask_terms:
+        val = ctx.value(t.node)
+        if not isinstance(val, torch.Tensor):
+            return "tensor", None, False, m.is_causal, None
+        if t.kind == "add":
+            a = additive_to_allowed(val)
+            if a is None:
+                return "bias", None, static, m.is_causal, (
+                    "scores carry an additive bias (e.g. relative position or ALiBi) that no variant reproduces yet")
+        elif t.kind == "keep":
+            a = val.bool()
+        else:
+            a = ~val.bool()
+        a = _as_4d(a, m)
+        allowed = a if allowed is None else (allowed & a)
+    if m.is_causal:
+        allowed = allowed & causal_allowed(m.q_len, m.kv_len, allowed.device)
+    kind, window = classify_allowed(allowed)
+    causal = kind in ("causal", "sliding_window")
+    if kind == "padding":
+        causal = m.q_len > 1 and not bool((allowed & ~causal_allowed(m.q_len, m.kv_len, allowed.device)).any())
+    if not static and kind == "none":
+        kind = "padding"
+    return kind, window, static, causal, None
+
+
+def _as_4d(a: torch.Tensor, m: SiteMatch) -> torch.Tensor:
+    """Broadcast a mask to ``(B or 1, H or 1, Nq, Nk)`` in attnopt's head layout."""
+    if isinstance(m.q_form, tuple) and m.q_form[0] == "bh" and a.dim() == 3:
+        b, h = m.q_form[1], m.q_form[2]
+        a = a.reshape(b, h, *a.shape[-2:]) if a.shape[0] == b * h else a.unsqueeze(0)
+    while a.dim() < 4:
+        a = a.unsqueeze(0)
+    if a.dim() > 4:
+        a = a.reshape(-1, *a.shape[-3:])
+    if a.shape[-2:] != (m.q_len, m.kv_len):
+        a = a.expand(*a.shape[:-2], m.q_len, m.kv_len)
+    return a
+
+
+_OUT_PASS = ("identity", "transpose", "permute", "reshape")
+
+
+def _output_projection(ctx: GraphContext, m: SiteMatch) -> str | None:
+    from attnopt.patterns.walk import _linear_input, _projection_path
+
+    cur = m.output
+    for _ in range(10):
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if _linear_input(u, ctx) is cur:
+            return _projection_path(u, ctx)
+        op = canon(u, ctx.gm)
+        name = str(getattr(u.target, "__name__", u.target))
+        if (op is None or op.kind not in _OUT_PASS) and not any(s in name for s in ("contiguous", "flatten", "view")):
+            return None
+        cur = u
+    return None

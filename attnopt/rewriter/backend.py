@@ -1,0 +1,72 @@
+"""The graph rewrite as a dynamo backend: for ``optimize()``'s installed forward and for
+``torch.compile(model, backend="attnopt")``.
+
+Dynamo hands the backend each graph it captures (per input shape, after graph breaks, for
+prefill and for decode steps alike); the backend finds the attention sites in it with the
+same matchers as :func:`attnopt.find_sites`, rewrites those the plan chooses, and either runs
+the graph as is (``optimize()``) or hands it to Inductor (``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch.fx as fx
+
+from attnopt.patterns.context import GraphContext
+from attnopt.patterns.find import find_sites_in_graph
+from attnopt.patterns.site import AttentionSite
+from attnopt.rewriter.rewrite import Choice, rewrite_graph
+
+__all__ = ["RewriteBackend", "attnopt_backend"]
+
+log = logging.getLogger("attnopt.rewriter")
+
+ChoiceFn = Callable[[AttentionSite], "Choice | None"]
+
+
+class RewriteBackend:
+    """A dynamo backend that rewrites attention sites by ``choose(site) -> Choice | None``.
+
+    Args:
+        choose: the plan, as a function of each site found in a captured graph.
+        inductor: compile the rewritten graph with Inductor (``torch.compile`` use) instead of
+            running it as is.
+    """
+
+    def __init__(self, choose: ChoiceFn, inductor: bool = False) -> None:
+        self.choose = choose
+        self.inductor = inductor
+        self.compiles: list[dict[str, Any]] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
+        ctx = GraphContext(gm, example_inputs)
+        sites = find_sites_in_graph(ctx)
+        choices = {}
+        for s in sites:
+            c = self.choose(s)
+            if c is not None:
+                choices[s.name] = c
+        n = rewrite_graph(gm, sites, choices)
+        self.compiles.append({"sites": [s.name for s in sites], "rewritten": n})
+        log.info("attnopt backend: %d site(s) found, %d rewritten", len(sites), n)
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        return gm.forward
+
+
+def exact_everywhere(site: AttentionSite) -> Choice | None:
+    """The exact plan: every rewritable site runs ``attnopt::exact``."""
+    return Choice("exact") if site.rewritable else None
+
+
+def attnopt_backend(gm: fx.GraphModule, example_inputs: list[Any]):
+    """``torch.compile(model, backend="attnopt")``: exact attnopt ops, then Inductor.
+
+    Use :func:`attnopt.backend` to configure a plan or a budget.
+    """
+    return RewriteBackend(exact_everywhere, inductor=True)(gm, example_inputs)
