@@ -41,6 +41,7 @@ __all__ = [
     "op_for",
     "exact_attention",
     "parse_config",
+    "set_observer",
 ]
 
 #: Families with an operator of their own. ``head_pruned`` is a weight rewrite that runs the
@@ -75,6 +76,16 @@ class AttentionCall:
 
 
 Kernel = Callable[[AttentionCall], torch.Tensor]
+
+# Called as ``observer(site_name, call)`` before each kernel runs; calibration installs one.
+_OBSERVER: Callable[[str, AttentionCall], None] | None = None
+
+
+def set_observer(observer: Callable[[str, AttentionCall], None] | None) -> Callable | None:
+    """Install ``observer`` (or None); returns the previous one so callers can restore it."""
+    global _OBSERVER
+    previous, _OBSERVER = _OBSERVER, observer
+    return previous
 
 #: (family, device type) -> kernel. ``"exact"`` on every device is registered below.
 KERNELS: dict[tuple[str, str], Kernel] = {}
@@ -182,6 +193,8 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
         family = "exact"  # decode steps and tiny inputs: the variant does not pay off
     mask, causal, window = _resolve_mask(attn_mask, q_len, kv_len, is_causal, cfg)
     call = AttentionCall(q, k, v, mask, list(params), float(scale), causal, window, cfg)
+    if _OBSERVER is not None:
+        _OBSERVER(cfg.get("site", ""), call)
     kernel = KERNELS.get((family, q.device.type)) or KERNELS.get((family, "any"))
     if kernel is None:
         raise NotImplementedError(
