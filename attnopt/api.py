@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from attnopt.patterns.context import GraphContext
-from attnopt.patterns.find import find_sites_in_graph
+from attnopt.patterns.find import assign_names, find_sites_in_graph, prefix_sites
 from attnopt.patterns.site import AttentionSite
-from attnopt.rewriter.capture import CAPTURE_METHODS, Captured, capture
+from attnopt.rewriter.capture import CAPTURE_METHODS, CapturedPart, capture_parts
 
 __all__ = ["find_sites", "optimize", "as_call", "capture_sites"]
 
@@ -46,17 +46,21 @@ def as_call(example: Any) -> tuple[tuple, dict]:
 
 def capture_sites(
     model: torch.nn.Module, args: tuple, kwargs: dict, methods: Sequence[str] = CAPTURE_METHODS
-) -> tuple[Captured, list[AttentionSite]]:
-    """Capture ``model(*args, **kwargs)`` and find its attention sites (names unique per model)."""
-    _check_runs(model, args, kwargs)
-    captured = capture(model, args, kwargs, methods)
-    sites: list[AttentionSite] = []
-    for gm, flat in captured.graphs:
-        sites.extend(find_sites_in_graph(GraphContext(gm, flat)))
-    from attnopt.patterns.find import _assign_names
+) -> tuple[list[CapturedPart], list[AttentionSite]]:
+    """Capture ``model(*args, **kwargs)`` (whole, or by parts) and find its attention sites.
 
-    _assign_names(sites)
-    return captured, sites
+    Site names are module paths from the model's root, unique per model.
+    """
+    _check_runs(model, args, kwargs)
+    parts = capture_parts(model, args, kwargs, methods)
+    sites: list[AttentionSite] = []
+    for part in parts:
+        for gm, flat in part.captured.graphs:
+            found = find_sites_in_graph(GraphContext(gm, flat))
+            prefix_sites(found, part.path)
+            sites.extend(found)
+    assign_names(sites)
+    return parts, sites
 
 
 def _check_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:

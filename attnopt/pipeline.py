@@ -12,7 +12,7 @@ import torch
 
 from attnopt.cost_model.budget import parse_budget
 from attnopt.patterns.site import AttentionSite
-from attnopt.rewriter.install import install
+from attnopt.rewriter.install import install, uninstall_all
 from attnopt.rewriter.rewrite import Choice
 
 __all__ = ["run_optimize", "normalise_calib"]
@@ -58,7 +58,7 @@ def run_optimize(
         )
     t0 = time.perf_counter()
     args, kwargs = calls[0]
-    _, sites = capture_sites(model, args, kwargs)
+    parts, sites = capture_sites(model, args, kwargs)
     log.info("find: %d site(s) in %.2fs", len(sites), time.perf_counter() - t0)
     if not sites:
         _warn_no_sites(model)
@@ -70,9 +70,12 @@ def run_optimize(
     if parsed.speedup not in (None, 1.0) or parsed.latency_ms is not None:
         log.warning(
             "budget %s: exact attention is the only variant in this plan, so no speedup is applied; "
-            "the exact plan is returned.", budget,
+            "the exact plan is returned.",
+            budget,
         )
-    install(model, _chooser(choices))
+    uninstall_all(model)
+    for part in parts:
+        install(part.module, _chooser(choices), prefix=part.path)
     model._attnopt_sites = sites  # for reports
     return model
 

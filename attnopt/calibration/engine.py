@@ -85,7 +85,8 @@ class StatsAccumulator:
             p = torch.softmax(s, dim=-1).nan_to_num(0.0)
             sink[hi] = p[:, : cfg.sink_tokens].sum(-1).mean().cpu()
             dmass[hi] = torch.zeros(cfg.distance_bins, device=q.device).index_add_(
-                0, bins.reshape(-1), p.reshape(-1)).cpu() / len(rows)
+                0, bins.reshape(-1), p.reshape(-1)
+            ).cpu() / len(rows)
             ent[hi] = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean().cpu()
             probs_all.append(p.reshape(-1).cpu())
         P = torch.nn.functional.normalize(torch.stack(probs_all), dim=-1)
@@ -102,7 +103,9 @@ class StatsAccumulator:
 
 
 @contextlib.contextmanager
-def observe(config: CalibrationConfig | None = None, sites: Iterable[str] | None = None) -> Iterator[dict[str, SiteStats]]:
+def observe(
+    config: CalibrationConfig | None = None, sites: Iterable[str] | None = None
+) -> Iterator[dict[str, SiteStats]]:
     """Record statistics of every attnopt operator call inside the ``with`` block.
 
     Yields a dict ``site name -> SiteStats`` that fills as the model runs.
@@ -142,7 +145,9 @@ def calibrate(
     from tqdm.auto import tqdm
 
     with observe(config, sites) as stats, torch.no_grad():
-        for args, kwargs in tqdm(calls, desc="attnopt calibrate", delay=2.0, disable=not progress, leave=False):
+        for args, kwargs in tqdm(
+            calls, desc="attnopt calibrate", delay=2.0, disable=not progress, leave=False
+        ):
             model(*args, **kwargs)
     missing = [s for s in (sites or []) if s not in stats]
     if missing:

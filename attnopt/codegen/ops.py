@@ -87,6 +87,7 @@ def set_observer(observer: Callable[[str, AttentionCall], None] | None) -> Calla
     previous, _OBSERVER = _OBSERVER, observer
     return previous
 
+
 #: (family, device type) -> kernel. ``"exact"`` on every device is registered below.
 KERNELS: dict[tuple[str, str], Kernel] = {}
 
@@ -129,7 +130,11 @@ def _resolve_mask(
         kind = _STATIC_MASK_KINDS.get(key)
         if kind is None:
             allowed = additive_to_allowed(attn_mask)
-            kind = ("bias", None) if allowed is None else classify_allowed(allowed.expand(*allowed.shape[:-2], q_len, kv_len))
+            kind = (
+                ("bias", None)
+                if allowed is None
+                else classify_allowed(allowed.expand(*allowed.shape[:-2], q_len, kv_len))
+            )
             _STATIC_MASK_KINDS[key] = kind
         name, win = kind
         if name == "none":

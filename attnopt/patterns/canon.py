@@ -42,14 +42,20 @@ def _ov(packet_name: str, *overloads: str) -> set:
 
 # kind -> (torch-level functions, Tensor method names, aten overloads)
 _TABLE: dict[str, tuple[set, set, set]] = {
-    "matmul": ({torch.matmul, operator.matmul, torch.bmm}, {"matmul", "bmm", "__matmul__"},
-               _ov("matmul", "default") | _ov("bmm", "default")),
+    "matmul": (
+        {torch.matmul, operator.matmul, torch.bmm},
+        {"matmul", "bmm", "__matmul__"},
+        _ov("matmul", "default") | _ov("bmm", "default"),
+    ),
     "baddbmm": ({torch.baddbmm}, {"baddbmm"}, _ov("baddbmm", "default")),
     "einsum": ({torch.einsum}, set(), _ov("einsum", "default")),
     "softmax": ({F.softmax, torch.softmax}, {"softmax"}, _ov("softmax", "int") | _ov("_softmax", "default")),
     "mul": ({operator.mul, torch.mul}, {"mul", "__mul__"}, _ov("mul", "Tensor", "Scalar")),
-    "div": ({operator.truediv, torch.div, torch.true_divide}, {"div", "__truediv__", "true_divide"},
-            _ov("div", "Tensor", "Scalar")),
+    "div": (
+        {operator.truediv, torch.div, torch.true_divide},
+        {"div", "__truediv__", "true_divide"},
+        _ov("div", "Tensor", "Scalar"),
+    ),
     "add": ({operator.add, torch.add}, {"add", "__add__"}, _ov("add", "Tensor", "Scalar")),
     "masked_fill": ({torch.masked_fill}, {"masked_fill"}, _ov("masked_fill", "Scalar", "Tensor")),
     "where": ({torch.where}, set(), _ov("where", "self", "ScalarOther", "ScalarSelf", "Scalar")),
@@ -57,23 +63,41 @@ _TABLE: dict[str, tuple[set, set, set]] = {
     "transpose": ({torch.transpose}, {"transpose"}, _ov("transpose", "int")),
     "t": ({torch.t}, {"t"}, _ov("t", "default")),
     "permute": ({torch.permute}, {"permute"}, _ov("permute", "default")),
-    "reshape": ({torch.reshape}, {"view", "reshape"},
-                _ov("view", "default") | _ov("reshape", "default") | _ov("_unsafe_view", "default")),
+    "reshape": (
+        {torch.reshape},
+        {"view", "reshape"},
+        _ov("view", "default") | _ov("reshape", "default") | _ov("_unsafe_view", "default"),
+    ),
     "expand": (set(), {"expand"}, _ov("expand", "default")),
     "unsqueeze": ({torch.unsqueeze}, {"unsqueeze"}, _ov("unsqueeze", "default")),
-    "repeat_interleave": ({torch.repeat_interleave}, {"repeat_interleave"}, _ov("repeat_interleave", "self_int")),
+    "repeat_interleave": (
+        {torch.repeat_interleave},
+        {"repeat_interleave"},
+        _ov("repeat_interleave", "self_int"),
+    ),
     "dropout": ({F.dropout, torch.dropout}, set(), _ov("dropout", "default")),
     "sdpa": ({F.scaled_dot_product_attention}, set(), _ov("scaled_dot_product_attention", "default")),
-    "sdpa_fused": (set(), set(),
-                   _ov("_scaled_dot_product_flash_attention", "default")
-                   | _ov("_scaled_dot_product_flash_attention_for_cpu", "default")
-                   | _ov("_scaled_dot_product_efficient_attention", "default")
-                   | _ov("_scaled_dot_product_cudnn_attention", "default")),
+    "mha_functional": ({F.multi_head_attention_forward}, set(), set()),
+    "sdpa_fused": (
+        set(),
+        set(),
+        _ov("_scaled_dot_product_flash_attention", "default")
+        | _ov("_scaled_dot_product_flash_attention_for_cpu", "default")
+        | _ov("_scaled_dot_product_efficient_attention", "default")
+        | _ov("_scaled_dot_product_cudnn_attention", "default"),
+    ),
     # Value-preserving ops a chain may pass through (casts, copies, layout no-ops).
-    "identity": ({torch.clone}, {"contiguous", "clone", "float", "half", "bfloat16", "to", "type", "type_as", "detach"},
-                 _ov("clone", "default") | _ov("contiguous", "default") | _ov("_to_copy", "default")
-                 | _ov("to", "dtype", "dtype_layout", "device", "other") | _ov("alias", "default")
-                 | _ov("detach", "default") | _ov("lift_fresh_copy", "default")),
+    "identity": (
+        {torch.clone},
+        {"contiguous", "clone", "float", "half", "bfloat16", "to", "type", "type_as", "detach"},
+        _ov("clone", "default")
+        | _ov("contiguous", "default")
+        | _ov("_to_copy", "default")
+        | _ov("to", "dtype", "dtype_layout", "device", "other")
+        | _ov("alias", "default")
+        | _ov("detach", "default")
+        | _ov("lift_fresh_copy", "default"),
+    ),
 }
 
 _BY_TARGET: dict[Any, str] = {}
@@ -230,8 +254,9 @@ def module_path_of(node: fx.Node) -> str:
 def normalise_module_path(path: str) -> str:
     import re
 
-    path = re.sub(r"^L\[['\"]self['\"]\]\.?", "", path)
-    path = re.sub(r"^L\['fn'\]\.?", "", path)
+    # dynamo roots paths at the traced function's argument: L['self'], L['fn'].__self__, ...
+    path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", path)
+    path = re.sub(r"^__self__\.?", "", path)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"getattr\(([^,]+), ['\"]([^'\"]+)['\"]\)", r"\1.\2", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)

@@ -64,6 +64,23 @@ class GraphContext:
             return True
         return node.op == "placeholder" and node.name in self.weight_placeholders
 
+    def is_constant(self, node: Any) -> bool:
+        """A value computed from weights and constants only (e.g. a slice of a packed weight)."""
+        if not isinstance(node, fx.Node):
+            return True
+        if self.is_weight(node):
+            return True
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if self.is_user_input(n):
+                return False
+            stack.extend(n.all_input_nodes)
+        return True
+
     def is_user_input(self, node: fx.Node) -> bool:
         return node.op == "placeholder" and node.name not in self.weight_placeholders
 

@@ -21,7 +21,7 @@ from attnopt.patterns.matchers import MATCHERS, SiteMatch
 from attnopt.patterns.site import AttentionSite
 from attnopt.patterns.walk import find_projection, strip_identity
 
-__all__ = ["find_sites_in_graph", "META_KEY"]
+__all__ = ["find_sites_in_graph", "assign_names", "prefix_sites", "META_KEY"]
 
 log = logging.getLogger("attnopt.patterns")
 
@@ -57,13 +57,23 @@ def find_sites_in_graph(ctx: GraphContext, module_paths: dict[str, str] | None =
                 claimed.add(match.output)
                 break
     sites = [_to_site(ctx, m) for m in matches]
-    _assign_names(sites)
+    assign_names(sites)
     for s in sites:
         s.graph.output.meta[META_KEY] = s
     return sites
 
 
-def _assign_names(sites: list[AttentionSite]) -> None:
+def prefix_sites(sites: list[AttentionSite], prefix: str) -> None:
+    """Make module paths of sites found in a captured *submodule* relative to the model root."""
+    if not prefix:
+        return
+    for s in sites:
+        s.module_path = f"{prefix}.{s.module_path}" if s.module_path else prefix
+    assign_names(sites)
+
+
+def assign_names(sites: list[AttentionSite]) -> None:
+    """Name sites ``<module path>#<index within that module>`` in the given order."""
     counts: dict[str, int] = defaultdict(int)
     for s in sites:
         s.index = counts[s.module_path]
@@ -89,8 +99,11 @@ def _to_site(ctx: GraphContext, m: SiteMatch) -> AttentionSite:
     cross = bool(q_proj and k_proj and strip_identity(q_proj.input) is not strip_identity(k_proj.input))
     reason = m.unsupported or mask_reason
     dtype = node_dtype(m.q)
-    layout = {"bhnd": "bhnd"}.get(m.q_form, None) if isinstance(m.q_form, str) else (
-        "(bh)nd" if m.q_form[0] == "bh" else "einsum")
+    layout = (
+        {"bhnd": "bhnd", "mha": "nbe"}.get(m.q_form, None)
+        if isinstance(m.q_form, str)
+        else ("(bh)nd" if m.q_form[0] == "bh" else "einsum")
+    )
     return AttentionSite(
         name="",
         module_path=module_path_of(m.output) or module_path_of(m.anchor),
@@ -132,10 +145,21 @@ def _classify_mask(ctx: GraphContext, m: SiteMatch) -> tuple[str, int | None, bo
         if t.kind == "add":
             a = additive_to_allowed(val)
             if a is None:
-                return "bias", None, static, m.is_causal, (
-                    "scores carry an additive bias (e.g. relative position or ALiBi) that no variant reproduces yet")
+                return (
+                    "bias",
+                    None,
+                    static,
+                    m.is_causal,
+                    (
+                        "scores carry an additive bias (e.g. relative position or ALiBi) that no variant reproduces yet"
+                    ),
+                )
         elif t.kind == "keep":
             a = val.bool()
+        elif t.kind == "add_keys":
+            a = (val > -1.0e3).reshape(val.shape[0], 1, 1, val.shape[-1])
+        elif t.kind == "drop_keys":
+            a = (~val.bool()).reshape(val.shape[0], 1, 1, val.shape[-1])
         else:
             a = ~val.bool()
         a = _as_4d(a, m)
@@ -145,7 +169,9 @@ def _classify_mask(ctx: GraphContext, m: SiteMatch) -> tuple[str, int | None, bo
     kind, window = classify_allowed(allowed)
     causal = kind in ("causal", "sliding_window")
     if kind == "padding":
-        causal = m.q_len > 1 and not bool((allowed & ~causal_allowed(m.q_len, m.kv_len, allowed.device)).any())
+        causal = m.q_len > 1 and not bool(
+            (allowed & ~causal_allowed(m.q_len, m.kv_len, allowed.device)).any()
+        )
     if not static and kind == "none":
         kind = "padding"
     return kind, window, static, causal, None
@@ -153,8 +179,11 @@ def _classify_mask(ctx: GraphContext, m: SiteMatch) -> tuple[str, int | None, bo
 
 def _as_4d(a: torch.Tensor, m: SiteMatch) -> torch.Tensor:
     """Broadcast a mask to ``(B or 1, H or 1, Nq, Nk)`` in attnopt's head layout."""
-    if isinstance(m.q_form, tuple) and m.q_form[0] == "bh" and a.dim() == 3:
-        b, h = m.q_form[1], m.q_form[2]
+    bh_form = (m.q_form[1], m.q_form[2]) if isinstance(m.q_form, tuple) and m.q_form[0] == "bh" else None
+    if m.q_form == "mha":
+        bh_form = (m.batch, m.num_heads)
+    if bh_form and a.dim() == 3:
+        b, h = bh_form
         a = a.reshape(b, h, *a.shape[-2:]) if a.shape[0] == b * h else a.unsqueeze(0)
     while a.dim() < 4:
         a = a.unsqueeze(0)
@@ -181,7 +210,9 @@ def _output_projection(ctx: GraphContext, m: SiteMatch) -> str | None:
             return _projection_path(u, ctx)
         op = canon(u, ctx.gm)
         name = str(getattr(u.target, "__name__", u.target))
-        if (op is None or op.kind not in _OUT_PASS) and not any(s in name for s in ("contiguous", "flatten", "view")):
+        if (op is None or op.kind not in _OUT_PASS) and not any(
+            s in name for s in ("contiguous", "flatten", "view")
+        ):
             return None
         cur = u
     return None

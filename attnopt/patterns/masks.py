@@ -64,7 +64,9 @@ def classify_allowed(allowed: torch.Tensor) -> tuple[str, int | None]:
         ``window`` is set only for ``"sliding_window"``.
     """
     if allowed.dim() < 2:
-        raise ValueError(f"Expected a mask with at least 2 dims (..., Nq, Nk), but got shape {tuple(allowed.shape)}.")
+        raise ValueError(
+            f"Expected a mask with at least 2 dims (..., Nq, Nk), but got shape {tuple(allowed.shape)}."
+        )
     q_len, kv_len = allowed.shape[-2], allowed.shape[-1]
     if bool(allowed.all()):
         return "none", None

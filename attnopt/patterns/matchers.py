@@ -165,10 +165,23 @@ def _sdpa_site(pattern, ctx, anchor, output, q, k, v, mask, dropout, is_causal, 
     qs, ks, vs = facts
     d = qs[-1]
     m = SiteMatch(
-        pattern=pattern, anchor=anchor, output=output, q=q, k=k_base, v=v_base,
-        scale=float(scale) if scale is not None else d ** -0.5,
-        num_heads=qs[1], num_kv_heads=ks[1], head_dim=d, head_dim_v=vs[-1], batch=qs[0],
-        q_len=qs[2], kv_len=ks[2], is_causal=is_causal, causal_align="top_left", dropout=dropout,
+        pattern=pattern,
+        anchor=anchor,
+        output=output,
+        q=q,
+        k=k_base,
+        v=v_base,
+        scale=float(scale) if scale is not None else d**-0.5,
+        num_heads=qs[1],
+        num_kv_heads=ks[1],
+        head_dim=d,
+        head_dim_v=vs[-1],
+        batch=qs[0],
+        q_len=qs[2],
+        kv_len=ks[2],
+        is_causal=is_causal,
+        causal_align="top_left",
+        dropout=dropout,
     )
     if isinstance(mask, fx.Node):
         m.mask_terms.append(MaskTerm(mask, "keep" if _is_bool(mask) else "add"))
@@ -178,8 +191,9 @@ def _sdpa_site(pattern, ctx, anchor, output, q, k, v, mask, dropout, is_causal, 
 
 
 def _is_bool(node: fx.Node) -> bool:
-    from attnopt.patterns.canon import node_dtype
     import torch
+
+    from attnopt.patterns.canon import node_dtype
 
     return node_dtype(node) == torch.bool
 
@@ -382,7 +396,7 @@ def _matmul_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: O
     a = qk_op.args[1] if qk_op.kind == "baddbmm" else qk_op.args[0]
     b = qk_op.args[2] if qk_op.kind == "baddbmm" else qk_op.args[1]
     v = pv_op.args[1]
-    if ctx.is_weight(strip_identity(a, ctx.gm)) or ctx.is_weight(strip_identity(b, ctx.gm)) or ctx.is_weight(v):
+    if ctx.is_constant(a) or ctx.is_constant(b) or ctx.is_constant(v):
         return _skip(anchor, "Q·Kᵀ or P·V multiplies a weight, not two activations")
     q, q_scale = fold_scalar_scale(a, ctx.gm)
     k_t, k_is_t = strip_transpose_last2(b, ctx.gm)
@@ -399,9 +413,21 @@ def _matmul_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: O
         ks, vbs = node_shape(k_base), node_shape(v_base)
         kv_len = ks[2] if k_is_t else ks[3]
         return SiteMatch(
-            pattern="eager_softmax", anchor=anchor, output=pv, q=q, k=k_base, v=v_base, scale=scale,
-            num_heads=qs[1], num_kv_heads=ks[1], head_dim=qs[3], head_dim_v=vbs[3], batch=qs[0],
-            q_len=qs[2], kv_len=kv_len, k_transposed=not k_is_t,
+            pattern="eager_softmax",
+            anchor=anchor,
+            output=pv,
+            q=q,
+            k=k_base,
+            v=v_base,
+            scale=scale,
+            num_heads=qs[1],
+            num_kv_heads=ks[1],
+            head_dim=qs[3],
+            head_dim_v=vbs[3],
+            batch=qs[0],
+            q_len=qs[2],
+            kv_len=kv_len,
+            k_transposed=not k_is_t,
         )
     # (B*H, N, D): recover the head count from how q was laid out.
     bh, nq, d = qs
@@ -412,9 +438,24 @@ def _matmul_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: O
     kv_len = ks[1] if k_is_t else ks[2]
     form = ("bh", batch, heads)
     return SiteMatch(
-        pattern="eager_softmax", anchor=anchor, output=pv, q=q, k=k_pre, v=v, scale=scale,
-        num_heads=heads, num_kv_heads=heads, head_dim=d, head_dim_v=vs[-1], batch=batch,
-        q_len=nq, kv_len=kv_len, q_form=form, k_form=form, v_form=form, out_form=form,
+        pattern="eager_softmax",
+        anchor=anchor,
+        output=pv,
+        q=q,
+        k=k_pre,
+        v=v,
+        scale=scale,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=d,
+        head_dim_v=vs[-1],
+        batch=batch,
+        q_len=nq,
+        kv_len=kv_len,
+        q_form=form,
+        k_form=form,
+        v_form=form,
+        out_form=form,
         k_transposed=not k_is_t,
     )
 
@@ -454,7 +495,12 @@ def _einsum_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: O
     if len(elet) != 1 or klet not in va_r:
         return _skip(anchor, "einsum P·V does not contract the key dimension")
     d, e = dlet[0], elet[0]
-    want_q, want_k, want_v, got_o = batch_letters + qlet + d, batch_letters + klet + d, batch_letters + klet + e, batch_letters + qlet + e
+    want_q, want_k, want_v, got_o = (
+        batch_letters + qlet + d,
+        batch_letters + klet + d,
+        batch_letters + klet + e,
+        batch_letters + qlet + e,
+    )
     if sorted(o_r) != sorted(got_o) or len(batch_letters) not in (1, 2):
         return _skip(anchor, "einsum output layout not understood")
     perm_q = [qa.index(c) for c in want_q]
@@ -469,15 +515,36 @@ def _einsum_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: O
     if len(batch_letters) == 1:
         return _skip(anchor, "single-batch-dim einsum attention is not matched")
     return SiteMatch(
-        pattern="eager_softmax", anchor=anchor, output=pv, q=q, k=k_in, v=v_in, scale=scores.scale * q_scale,
-        num_heads=qb[1], num_kv_heads=kb[1], head_dim=qb[3], head_dim_v=vb[3], batch=qb[0],
-        q_len=qb[2], kv_len=kb[2], q_form=("perm", perm_q), k_form=("perm", perm_k), v_form=("perm", perm_v),
+        pattern="eager_softmax",
+        anchor=anchor,
+        output=pv,
+        q=q,
+        k=k_in,
+        v=v_in,
+        scale=scores.scale * q_scale,
+        num_heads=qb[1],
+        num_kv_heads=kb[1],
+        head_dim=qb[3],
+        head_dim_v=vb[3],
+        batch=qb[0],
+        q_len=qb[2],
+        kv_len=kb[2],
+        q_form=("perm", perm_q),
+        k_form=("perm", perm_k),
+        v_form=("perm", perm_v),
         out_form=("perm", perm_o),
     )
 
 
+def _match_mha(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch | None:
+    from attnopt.patterns.mha import match_mha_functional
+
+    return match_mha_functional(ctx, node, op)
+
+
 MATCHERS: tuple[Matcher, ...] = (
     Matcher("sdpa", ("sdpa",), match_sdpa),
+    Matcher("mha_functional", ("mha_functional",), _match_mha),
     Matcher("sdpa_fused", ("sdpa_fused",), match_sdpa_fused),
     Matcher("eager_softmax", ("softmax",), match_eager_softmax),
 )

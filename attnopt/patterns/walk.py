@@ -138,7 +138,12 @@ def fold_repeat_kv(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any, in
     unsq = strip_identity(eop.input, gm)
     uop = canon(unsq, gm)
     ushape = node_shape(unsq)
-    if uop is None or uop.kind not in ("unsqueeze", "getitem_unsqueeze") or ushape is None or len(ushape) != 5:
+    if (
+        uop is None
+        or uop.kind not in ("unsqueeze", "getitem_unsqueeze")
+        or ushape is None
+        or len(ushape) != 5
+    ):
         return node, 1
     if ushape[2] != 1:
         return node, 1
@@ -175,21 +180,49 @@ def _linear_input(node: fx.Node, ctx: GraphContext) -> Any | None:
     base = name.split(".")[0]
     if node.op == "call_function" and (base in _LINEAR_TARGETS or str(node.target).startswith("aten.linear")):
         if "addmm" in str(node.target) or base == "addmm":
-            return node.args[1] if ctx.is_weight(node.args[2]) else None
-        if len(node.args) > 1 and ctx.is_weight(node.args[1]):
+            return node.args[1] if ctx.is_constant(node.args[2]) else None
+        if len(node.args) > 1 and ctx.is_constant(node.args[1]):
             return node.args[0]
     op = canon(node, ctx.gm)
-    if op is not None and op.kind == "matmul" and ctx.is_weight(op.args[1]):
+    if op is not None and op.kind == "matmul" and ctx.is_constant(op.args[1]):
         return op.args[0]
     return None
 
 
 # Ops a walk from q/k/v back to its projection may pass through: layout, casts, RoPE arithmetic,
 # splitting a packed projection.
-_PASS_KINDS = {"identity", "transpose", "permute", "reshape", "mul", "div", "add", "expand", "unsqueeze",
-               "getitem_unsqueeze", "repeat_interleave"}
-_PASS_NAMES = ("split", "chunk", "getitem", "slice", "select", "unflatten", "squeeze", "unbind", "contiguous",
-               "view", "narrow", "cat", "neg", "_unsafe_view", "clone", "permute", "transpose")
+_PASS_KINDS = {
+    "identity",
+    "transpose",
+    "permute",
+    "reshape",
+    "mul",
+    "div",
+    "add",
+    "expand",
+    "unsqueeze",
+    "getitem_unsqueeze",
+    "repeat_interleave",
+}
+_PASS_NAMES = (
+    "split",
+    "chunk",
+    "getitem",
+    "slice",
+    "select",
+    "unflatten",
+    "squeeze",
+    "unbind",
+    "contiguous",
+    "view",
+    "narrow",
+    "cat",
+    "neg",
+    "_unsafe_view",
+    "clone",
+    "permute",
+    "transpose",
+)
 
 
 def find_projection(node: Any, ctx: GraphContext, max_steps: int = 40) -> Projection | None:

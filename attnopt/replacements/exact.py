@@ -117,7 +117,9 @@ def dense_cost(site, density: sympy.Expr | float = 1) -> CostFormula:
     if site.causal and not site.window:
         scores = scores / 2
     flops = scores * (2 * s["D"] + 2 * s["Dv"] + 5)
-    nbytes = s["E"] * s["B"] * (s["H"] * s["Nq"] * (s["D"] + s["Dv"]) + s["Hkv"] * s["Nk"] * (s["D"] + s["Dv"]))
+    nbytes = (
+        s["E"] * s["B"] * (s["H"] * s["Nq"] * (s["D"] + s["Dv"]) + s["Hkv"] * s["Nk"] * (s["D"] + s["Dv"]))
+    )
     return CostFormula(flops=flops, bytes=nbytes)
 
 
@@ -131,7 +133,15 @@ class ExactFamily(Family):
         return None
 
     def candidates(self, site, stats) -> list[Candidate]:
-        return [Candidate(site=site.name, family=self.name, config=ExactConfig(), cost=self.cost(site, ExactConfig()), error=0.0)]
+        return [
+            Candidate(
+                site=site.name,
+                family=self.name,
+                config=ExactConfig(),
+                cost=self.cost(site, ExactConfig()),
+                error=0.0,
+            )
+        ]
 
     def reference(self, q, k, v, candidate, *, scale, causal, attn_mask=None):
         return attention_reference(q, k, v, attn_mask, scale=scale, causal=causal)

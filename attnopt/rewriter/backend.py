@@ -16,7 +16,7 @@ from typing import Any
 import torch.fx as fx
 
 from attnopt.patterns.context import GraphContext
-from attnopt.patterns.find import find_sites_in_graph
+from attnopt.patterns.find import find_sites_in_graph, prefix_sites
 from attnopt.patterns.site import AttentionSite
 from attnopt.rewriter.rewrite import Choice, rewrite_graph
 
@@ -36,14 +36,16 @@ class RewriteBackend:
             running it as is.
     """
 
-    def __init__(self, choose: ChoiceFn, inductor: bool = False) -> None:
+    def __init__(self, choose: ChoiceFn, inductor: bool = False, prefix: str = "") -> None:
         self.choose = choose
+        self.prefix = prefix
         self.inductor = inductor
         self.compiles: list[dict[str, Any]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
         ctx = GraphContext(gm, example_inputs)
         sites = find_sites_in_graph(ctx)
+        prefix_sites(sites, self.prefix)
         choices = {}
         for s in sites:
             c = self.choose(s)

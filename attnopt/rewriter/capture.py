@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["Captured", "CaptureError", "capture", "CAPTURE_METHODS"]
+__all__ = ["Captured", "CapturedPart", "CaptureError", "capture", "capture_parts", "CAPTURE_METHODS"]
 
 log = logging.getLogger("attnopt.rewriter")
 
@@ -70,7 +70,7 @@ def _symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captur
     gm = fx.symbolic_trace(model)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     flat: list[Any] = list(args)
-    for p in placeholders[len(args):]:
+    for p in placeholders[len(args) :]:
         if p.target in kwargs:
             flat.append(kwargs[p.target])
         else:
@@ -83,7 +83,10 @@ _METHODS = {"export": _export, "dynamo": _dynamo, "symbolic_trace": _symbolic_tr
 
 
 def capture(
-    model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, methods: Sequence[str] = CAPTURE_METHODS
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    methods: Sequence[str] = CAPTURE_METHODS,
 ) -> Captured:
     """Capture ``model(*args, **kwargs)`` with the first method in ``methods`` that works.
 
@@ -106,5 +109,103 @@ def capture(
             failures.append(f"{name}: {type(e).__name__}: {first}")
             log.debug("capture with %s failed", name, exc_info=True)
     raise CaptureError(
-        f"attnopt could not capture {type(model).__name__}: every capture method failed:\n  " + "\n  ".join(failures)
+        f"attnopt could not capture {type(model).__name__}: every capture method failed:\n  "
+        + "\n  ".join(failures)
     )
+
+
+# Modules that never contain attention: no point capturing them on their own.
+_LEAF_TYPES = (
+    torch.nn.Linear,
+    torch.nn.LayerNorm,
+    torch.nn.Embedding,
+    torch.nn.Dropout,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.GELU,
+    torch.nn.ReLU,
+    torch.nn.SiLU,
+    torch.nn.Identity,
+    torch.nn.Softmax,
+)
+
+
+@dataclass
+class CapturedPart:
+    """A captured submodule: its dotted path from the root ('' = the whole model)."""
+
+    path: str
+    module: torch.nn.Module
+    captured: Captured
+
+
+def _record_calls(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[tuple, dict]]:
+    """Run ``model`` once, recording the first call's inputs of every submodule (by path)."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if not name or isinstance(mod, _LEAF_TYPES):
+            continue
+
+        def hook(_mod, a, k, _name=name):
+            calls.setdefault(_name, (tuple(a), dict(k)))
+
+        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _called_children(module: torch.nn.Module, path: str, calls: dict) -> list[tuple[str, torch.nn.Module]]:
+    """Children that were called; containers never called themselves (ModuleList) are opened."""
+    out = []
+    for name, child in module.named_children():
+        sub = f"{path}.{name}" if path else name
+        if sub in calls:
+            out.append((sub, child))
+        elif not isinstance(child, _LEAF_TYPES):
+            out.extend(_called_children(child, sub, calls))
+    return out
+
+
+def capture_parts(
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    methods: Sequence[str] = CAPTURE_METHODS,
+) -> list[CapturedPart]:
+    """Capture the whole model, or else the largest submodules that can be captured.
+
+    Models whose top-level ``forward`` has data-dependent Python (``if mask.all():``,
+    ``.item()``) defeat every whole-graph method; their layers usually do not. The model runs
+    once with hooks recording every submodule's inputs; then each called child of a module that
+    failed is captured the same way, recursively. Raises :class:`CaptureError` only if nothing
+    at all could be captured.
+    """
+    kwargs = kwargs or {}
+    try:
+        return [CapturedPart("", model, capture(model, args, kwargs, methods))]
+    except CaptureError as whole_error:
+        calls = _record_calls(model, args, kwargs)
+        parts: list[CapturedPart] = []
+        pending = _called_children(model, "", calls)
+        while pending:
+            path, child = pending.pop(0)
+            try:
+                parts.append(CapturedPart(path, child, capture(child, *calls[path], methods)))
+            except CaptureError:
+                log.debug("could not capture %s; trying its children", path)
+                pending[:0] = _called_children(child, path, calls)
+        if not parts:
+            raise whole_error
+        log.info(
+            "captured %s in %d part(s): %s",
+            type(model).__name__,
+            len(parts),
+            ", ".join(p.path for p in parts),
+        )
+        return parts

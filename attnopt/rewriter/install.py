@@ -9,26 +9,44 @@ anything dynamo cannot capture runs eagerly, unchanged. :func:`uninstall` restor
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from attnopt.rewriter.backend import ChoiceFn, RewriteBackend
 
-__all__ = ["install", "uninstall", "installed_backend"]
+__all__ = ["install", "uninstall", "uninstall_all", "installed_backend", "installed_backends"]
 
 _ATTR = "_attnopt_backend"
 
 
-def install(model: torch.nn.Module, choose: ChoiceFn) -> torch.nn.Module:
-    """Make ``model.forward`` run with attention rewritten by ``choose``; returns ``model``."""
+def install(model: torch.nn.Module, choose: ChoiceFn, prefix: str = "") -> torch.nn.Module:
+    """Make ``model.forward`` run with attention rewritten by ``choose``; returns ``model``.
+
+    ``prefix`` is ``model``'s path inside the user's model when a plan is installed on a
+    captured part (see :func:`attnopt.rewriter.capture.capture_parts`).
+    """
     uninstall(model)
     import torch._dynamo
 
     # One model may need a graph per input shape (prefill, decode, other lengths).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    backend = RewriteBackend(choose)
+    backend = RewriteBackend(choose, prefix=prefix)
     original = model.forward
     compiled = torch.compile(original, backend=backend, dynamic=None)
-    model.forward = compiled
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        # nn.MultiheadAttention / TransformerEncoderLayer have a fused inference fast path that
+        # hides the attention inside one opaque op; the rewritten graph needs it visible.
+        previous = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(previous)
+
+    model.forward = forward
     setattr(model, _ATTR, (backend, original))
     return model
 
@@ -42,6 +60,18 @@ def uninstall(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def installed_backend(model: torch.nn.Module) -> RewriteBackend | None:
-    """The backend installed on ``model`` (for reports and tests), or None."""
+    """The backend installed on ``model`` itself (for reports and tests), or None."""
     state = model.__dict__.get(_ATTR)
     return state[0] if state else None
+
+
+def installed_backends(model: torch.nn.Module) -> dict[str, RewriteBackend]:
+    """Every backend installed on ``model`` or its submodules, by module path."""
+    return {name: m.__dict__[_ATTR][0] for name, m in model.named_modules() if _ATTR in m.__dict__}
+
+
+def uninstall_all(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo every :func:`install` on ``model`` and its submodules."""
+    for _, m in model.named_modules():
+        uninstall(m)
+    return model

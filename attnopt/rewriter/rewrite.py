@@ -127,6 +127,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, choice: Choice) -> fx.
     m: SiteMatch = site.graph
     graph = gm.graph
     family = "exact" if choice.family == "head_pruned" else choice.family
+    if m.pattern == "mha_functional":
+        return _retarget_mha(gm, site, choice, family, m)
     with graph.inserting_before(m.output):
         q = _to_bhnd(graph, m.q, m.q_form)
         k = m.k
@@ -137,7 +139,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, choice: Choice) -> fx.
         mask = _combined_mask(graph, m)
         params = _param_nodes(gm, site, choice.params) if choice.params else []
         out = graph.call_function(
-            op_for(family), (q, k, v, mask, params, float(site.scale), bool(m.is_causal), _op_config(site, choice, m))
+            op_for(family),
+            (q, k, v, mask, params, float(site.scale), bool(m.is_causal), _op_config(site, choice, m)),
         )
         out = _from_bhnd(graph, out, m.out_form)
         want = node_dtype(m.output)
@@ -151,6 +154,21 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, choice: Choice) -> fx.
             if is_assertion(u) and not u.users:
                 graph.erase_node(u)
     return out
+
+
+def _retarget_mha(
+    gm: fx.GraphModule, site: AttentionSite, choice: Choice, family: str, m: SiteMatch
+) -> fx.Node:
+    from attnopt.rewriter.mha import mha_forward
+
+    node = m.anchor
+    extra = {"attnopt_family": family, "attnopt_config": _op_config(site, choice, m)}
+    if choice.params:
+        with gm.graph.inserting_before(node):
+            extra["attnopt_params"] = _param_nodes(gm, site, choice.params)
+    node.target = mha_forward
+    node.kwargs = {**node.kwargs, **extra}
+    return node
 
 
 def rewrite_graph(gm: fx.GraphModule, sites: list[AttentionSite], choices: dict[str, Choice]) -> int:
