@@ -1,21 +1,36 @@
-"""The optimisation pipeline as named steps, each logged: capture → find → calibrate → plan → rewrite."""
+"""The optimisation pipeline as named steps, each logged and timed.
+
+    capture → find → calibrate → candidates → cost/plan → validate (tighten) → rewrite
+
+:func:`run_plan` stops after validation and returns the :class:`Plan`; :func:`run_optimize`
+also installs it. The model runs exact ``attnopt`` operators from the calibration step on, so
+trying a plan end to end needs no recompilation: operator overrides stand in for the plan.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import logging
 import time
+import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from attnopt.cost_model.budget import parse_budget
+from attnopt.calibration.engine import calibrate
+from attnopt.calibration.stats import CalibrationConfig, SiteStats
+from attnopt.codegen.ops import overrides
+from attnopt.cost_model.budget import Budget, parse_budget
+from attnopt.cost_model.plan import Plan
 from attnopt.patterns.site import AttentionSite
+from attnopt.replacements.base import FAMILY_NAMES, Candidate, get_family
+from attnopt.rewriter.capture import CapturedPart
 from attnopt.rewriter.install import install, uninstall_all
 from attnopt.rewriter.rewrite import Choice
 
-__all__ = ["run_optimize", "normalise_calib"]
+__all__ = ["run_optimize", "run_plan", "normalise_calib", "install_plan", "PlanRun", "output_error"]
 
 log = logging.getLogger("attnopt")
 
@@ -35,6 +50,250 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
 
 
+@dataclass
+class PlanRun:
+    """Everything a planning run produced (the plan plus what was needed to make it)."""
+
+    plan: Plan
+    parts: list[CapturedPart]
+    sites: list[AttentionSite]
+    stats: dict[str, SiteStats] = field(default_factory=dict)
+    steps: list[str] = field(default_factory=list)
+
+
+def _validate_families(families: Sequence[str] | None) -> tuple[str, ...] | None:
+    if families is None:
+        return None
+    if isinstance(families, str):
+        families = (families,)
+    bad = [f for f in families if f not in FAMILY_NAMES]
+    if bad:
+        raise ValueError(f"Expected families from {FAMILY_NAMES}, but got {bad}.")
+    return tuple(families)
+
+
+def _primary(out: Any) -> torch.Tensor:
+    """The tensor a model call is judged by: logits / last hidden state / the first output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        v = getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for x in out:
+            if isinstance(x, torch.Tensor):
+                return x
+            try:
+                return _primary(x)
+            except TypeError:
+                continue
+    raise TypeError(f"Expected a model output containing a tensor, but got {type(out).__name__}.")
+
+
+def output_error(planned: Any, exact: Any, metric: str) -> float:
+    """End-to-end error of one call under ``metric`` (see :class:`attnopt.Budget`)."""
+    if metric == "perplexity":
+        lp, le = getattr(planned, "loss", None), getattr(exact, "loss", None)
+        if lp is not None and le is not None:
+            return float(torch.exp(lp) / torch.exp(le) - 1.0)
+    a, b = _primary(planned).float(), _primary(exact).float()
+    if metric == "cosine":
+        cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
+        return float(1.0 - cos.min())
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def build_candidates(
+    sites: list[AttentionSite],
+    stats: dict[str, SiteStats],
+    families: tuple[str, ...] | None,
+    exclude: Sequence[str],
+) -> dict[str, list[Candidate]]:
+    """Each family's fitted candidates per site; unsupported pairs are skipped with a reason."""
+    names = families or tuple(f for f in FAMILY_NAMES if f != "exact")
+    out: dict[str, list[Candidate]] = {}
+    for site in sites:
+        out[site.name] = []
+        if not site.rewritable or _excluded(site.name, exclude):
+            continue
+        st = stats.get(site.name)
+        if st is None or not st.q:
+            log.warning("no calibration data reached site %s; it stays exact", site.name)
+            continue
+        for fam_name in names:
+            if fam_name == "exact":
+                continue
+            try:
+                fam = get_family(fam_name)
+            except ValueError:
+                log.warning("family %s is not available in this build; skipped", fam_name)
+                continue
+            reason = fam.unsupported_reason(site)
+            if reason is not None:
+                msg = f"attnopt: family {fam_name!r} cannot serve site {site.name}: {reason}; it stays exact for this family."
+                if families is not None:
+                    warnings.warn(msg, stacklevel=4)
+                log.info(msg)
+                continue
+            try:
+                out[site.name].extend(fam.candidates(site, st))
+            except Exception as e:  # noqa: BLE001 - one family failing on one site must not stop planning
+                log.warning("family %s failed to fit site %s (%s: %s); no candidate", fam_name, site.name,
+                            type(e).__name__, e)
+    return out
+
+
+def _override_table(plan: Plan) -> dict[str, tuple[str, dict, list[torch.Tensor]]]:
+    return {e.site: (e.family, e.config, list(e.params)) for e in plan.entries if e.family != "exact"}
+
+
+def _run_calls(model: torch.nn.Module, calls: list[tuple[tuple, dict]]) -> list[Any]:
+    with torch.no_grad():
+        return [model(*a, **k) for a, k in calls]
+
+
+def run_plan(
+    model: torch.nn.Module,
+    budget: Any,
+    calib: Iterable[Any] | None,
+    *,
+    families: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    target: str | None = None,
+    measure: bool = False,
+    validate: bool = True,
+    calibration: CalibrationConfig | None = None,
+    progress: bool = True,
+) -> PlanRun:
+    """Capture, calibrate and plan ``model`` (see :func:`attnopt.plan`); leaves exact ops installed."""
+    from attnopt.api import capture_sites
+    from attnopt.cost_model.planning import make_plan
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Expected a torch.nn.Module, but got {type(model).__name__}.")
+    parsed = parse_budget(budget)
+    fams = _validate_families(families)
+    calls = normalise_calib(calib)
+    if not calls:
+        raise ValueError(
+            "Expected at least one calibration example in calib=, but got none. Pass calib=[example_call, ...] "
+            "(a tensor, a tuple of positional args or a dict of keyword args)."
+        )
+    cal_cfg = calibration or CalibrationConfig()
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    parts, sites = capture_sites(model, *calls[0])
+    timings["capture"] = time.perf_counter() - t
+    log.info("find: %d site(s), %d rewritable", len(sites), sum(s.rewritable for s in sites))
+    if not sites:
+        return PlanRun(Plan(entries=[], budget=parsed, timings=timings), parts, sites)
+    for s in sites:
+        if not s.rewritable:
+            log.info("kept exact: %s (%s)", s.name, s.reason)
+    exact = {s.name: Choice("exact") for s in sites if s.rewritable}
+    install_choices(model, parts, exact)
+
+    n_held = 0 if len(calls) < 2 or not validate else max(1, round(len(calls) * cal_cfg.heldout_fraction))
+    train, held = calls[: len(calls) - n_held], calls[len(calls) - n_held :] or calls[:1]
+    t = time.perf_counter()
+    stats = calibrate(model, train, cal_cfg, sites=[s.name for s in sites if s.rewritable], progress=progress)
+    timings["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    candidates = build_candidates(sites, stats, fams, exclude)
+    timings["candidates"] = time.perf_counter() - t
+    plan_kwargs = dict(stats=stats, profile=target, measure=measure, families=fams, exclude=list(exclude) or None)
+    plan = make_plan(sites, candidates, parsed, **plan_kwargs)
+    steps: list[str] = []
+    if validate and any(e.family != "exact" for e in plan.entries):
+        t = time.perf_counter()
+        plan, steps = _validate_and_tighten(model, sites, candidates, parsed, plan, held, plan_kwargs)
+        timings["validate"] = time.perf_counter() - t
+    plan.timings = {**timings, **plan.timings}
+    plan.parts = [p.path for p in parts]
+    plan.steps = steps
+    return PlanRun(plan, parts, sites, stats, steps)
+
+
+def _validate_and_tighten(model, sites, candidates, budget: Budget, plan: Plan, held, plan_kwargs) -> tuple[Plan, list[str]]:
+    """Check the plan end to end on held-out calls; drop the worst sites to exact until it holds."""
+    from attnopt.cost_model.planning import make_plan
+
+    exact_out = _run_calls(model, held)
+    pins: dict[str, str] = {}
+    steps: list[str] = []
+    tol = budget.tolerance
+    for _ in range(len(sites) + 1):
+        with overrides(_override_table(plan)):
+            planned = _run_calls(model, held)
+        err = max(output_error(p, e, budget.metric) for p, e in zip(planned, exact_out))
+        plan.totals["validated_error"] = err
+        if err <= tol:
+            steps.append(f"validated: end-to-end {budget.metric} {err:.3g} <= {tol:g} on {len(held)} held-out call(s)")
+            break
+        varied = [e for e in plan.entries if e.family != "exact"]
+        if not varied:
+            break
+        worst = max(varied, key=lambda e: e.error)
+        pins[worst.site] = "exact"
+        steps.append(
+            f"end-to-end {budget.metric} {err:.3g} > {tol:g}: site {worst.site} ({worst.family}, site error "
+            f"{worst.error:.3g}) set to exact, re-solved"
+        )
+        log.info(steps[-1])
+        front = plan.pareto
+        plan = make_plan(sites, candidates, budget, pin=dict(pins), with_pareto=False, **plan_kwargs)
+        plan.pareto = front  # the front does not depend on pins; keep the one already computed
+    return plan, steps
+
+
+def _chooser(choices: dict[str, Choice]):
+    def choose(site: AttentionSite) -> Choice | None:
+        if not site.rewritable:
+            return None
+        return choices.get(site.name)
+
+    return choose
+
+
+def install_choices(model: torch.nn.Module, parts: list[CapturedPart] | list[str], choices: dict[str, Choice]) -> None:
+    """Install ``choices`` on every captured part of ``model`` (paths or parts)."""
+    uninstall_all(model)
+    for part in parts:
+        path = part if isinstance(part, str) else part.path
+        module = model.get_submodule(path) if path else model
+        install(module, _chooser(choices), prefix=path)
+
+
+def plan_choices(plan: Plan) -> dict[str, Choice]:
+    """The rewrite's view of a plan: family, config JSON and tensors per site."""
+    return {e.site: Choice(e.family, e.config, list(e.params)) for e in plan.entries}
+
+
+def install_plan(model: torch.nn.Module, plan: Plan, sites: list[AttentionSite] | None = None) -> torch.nn.Module:
+    """Apply ``plan`` to ``model``: prune heads where it says so, then install the rewrite."""
+    choices = plan_choices(plan)
+    pruned = [e for e in plan.entries if e.family == "head_pruned"]
+    if pruned:
+        from attnopt.replacements.head_pruned import apply_head_pruning
+
+        by_name = {s.name: s for s in (sites or [])}
+        for e in pruned:
+            if e.site not in by_name:
+                raise ValueError(
+                    f"Expected the site {e.site} to be known when applying head pruning, but no capture of it "
+                    "was given; call attnopt.apply(model, plan, example=...) with an example call."
+                )
+            apply_head_pruning(model, by_name[e.site], e)
+            choices[e.site] = Choice("exact")
+    install_choices(model, getattr(plan, "parts", None) or [""], choices)
+    model._attnopt_plan = plan
+    return model
+
+
 def run_optimize(
     model: torch.nn.Module,
     budget: Any,
@@ -45,49 +304,15 @@ def run_optimize(
     **options: Any,
 ) -> torch.nn.Module:
     """Implementation of :func:`attnopt.optimize` (see there)."""
-    from attnopt.api import _warn_no_sites, capture_sites
+    run = run_plan(model, budget, calib, families=families, exclude=exclude, **options)
+    if not run.sites:
+        from attnopt.api import _warn_no_sites
 
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"Expected a torch.nn.Module, but got {type(model).__name__}.")
-    parsed = parse_budget(budget)
-    calls = normalise_calib(calib)
-    if not calls:
-        raise ValueError(
-            "Expected at least one calibration example in calib=, but got none. Pass calib=[example_call, ...] "
-            "(a tensor, a tuple of positional args or a dict of keyword args)."
-        )
-    t0 = time.perf_counter()
-    args, kwargs = calls[0]
-    parts, sites = capture_sites(model, args, kwargs)
-    log.info("find: %d site(s) in %.2fs", len(sites), time.perf_counter() - t0)
-    if not sites:
+        uninstall_all(model)
         _warn_no_sites(model)
         return model
-    for s in sites:
-        if not s.rewritable:
-            log.info("skip %s: %s", s.name, s.reason)
-    choices = _exact_choices(sites, exclude)
-    if parsed.speedup not in (None, 1.0) or parsed.latency_ms is not None:
-        log.warning(
-            "budget %s: exact attention is the only variant in this plan, so no speedup is applied; "
-            "the exact plan is returned.",
-            budget,
-        )
-    uninstall_all(model)
-    for part in parts:
-        install(part.module, _chooser(choices), prefix=part.path)
-    model._attnopt_sites = sites  # for reports
+    if run.plan.explanation:
+        log.warning("attnopt: %s", run.plan.explanation)
+    install_plan(model, run.plan, run.sites)
+    model._attnopt_sites = run.sites
     return model
-
-
-def _exact_choices(sites: list[AttentionSite], exclude: Sequence[str]) -> dict[str, Choice]:
-    return {s.name: Choice("exact") for s in sites if s.rewritable and not _excluded(s.name, exclude)}
-
-
-def _chooser(choices: dict[str, Choice]):
-    def choose(site: AttentionSite) -> Choice | None:
-        if not site.rewritable:
-            return None
-        return choices.get(site.name)
-
-    return choose

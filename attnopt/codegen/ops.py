@@ -42,6 +42,7 @@ __all__ = [
     "exact_attention",
     "parse_config",
     "set_observer",
+    "overrides",
 ]
 
 #: Families with an operator of their own. ``head_pruned`` is a weight rewrite that runs the
@@ -79,6 +80,38 @@ Kernel = Callable[[AttentionCall], torch.Tensor]
 
 # Called as ``observer(site_name, call)`` before each kernel runs; calibration installs one.
 _OBSERVER: Callable[[str, AttentionCall], None] | None = None
+
+
+# site name -> (family, config dict, params): lets the planner try a plan on a model that runs
+# exact operators, without recapturing or recompiling anything.
+_OVERRIDES: dict[str, tuple[str, dict[str, Any], list[torch.Tensor]]] = {}
+
+
+class overrides:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Within the block, run ``site``'s operator as ``(family, config, params)`` instead."""
+
+    def __init__(self, table: dict[str, tuple[str, dict[str, Any], list[torch.Tensor]]]) -> None:
+        self.table = table
+
+    def __enter__(self) -> overrides:
+        self._saved = dict(_OVERRIDES)
+        _OVERRIDES.clear()
+        _OVERRIDES.update(self.table)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(self._saved)
+
+
+def _head_pruned_emulation(call: AttentionCall) -> torch.Tensor:
+    """Exact attention with the pruned heads' outputs zeroed: what the model computes once the
+    q/k/v/o projections are sliced (the o-projection never sees those heads)."""
+    out = exact_attention(call)
+    keep = call.params[0].to(out.device).long()
+    mask = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
+    mask[keep] = 1
+    return out * mask[None, :, None, None]
 
 
 def set_observer(observer: Callable[[str, AttentionCall], None] | None) -> Callable | None:
@@ -200,6 +233,12 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
     call = AttentionCall(q, k, v, mask, list(params), float(scale), causal, window, cfg)
     if _OBSERVER is not None:
         _OBSERVER(cfg.get("site", ""), call)
+    override = _OVERRIDES.get(cfg.get("site", "")) if _OVERRIDES else None
+    if override is not None:
+        family, inner, call.params = override[0], override[1], list(override[2])
+        call.config = {**cfg, "family": family, "config": inner}
+        if family == "head_pruned":
+            return _head_pruned_emulation(call).to(v.dtype)
     kernel = KERNELS.get((family, q.device.type)) or KERNELS.get((family, "any"))
     if kernel is None:
         raise NotImplementedError(

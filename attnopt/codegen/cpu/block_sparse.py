@@ -1,0 +1,450 @@
+"""Block-sparse attention on the CPU, fast enough to beat dense SDPA.
+
+Two paths, both written as a few large batched matmuls because that is what a 2-core CPU runs
+near its peak (the CPU flash kernel on small masked blocks runs at a fifth of it):
+
+* **band** (static sinks + sliding window, causal): queries are cut into chunks of ``C`` rows;
+  chunk ``c`` sees one contiguous run of ``C + W - 1`` keys, so its keys are an ``as_strided``
+  *view* of ``k`` (no copy). One ``baddbmm`` gives the scores of every chunk of a head at once,
+  an additive bias (built once per shape, cached) masks the two partial edges of the band,
+  softmax runs in place, and one ``bmm`` with the matching view of ``v`` writes the output
+  straight into place. Sink keys, when asked for, are copied in front of each chunk's band.
+  Rows whose band would start before key 0 (the first ``W`` rows) and the ragged tail are
+  computed densely with an explicit mask (they are a small share of the work).
+* **layout** (dynamic selection, skip-softmax, any :class:`BlockLayout`): every (batch, head,
+  query block) row of the layout is flattened and sorted by its number of key blocks; each tile
+  of rows gathers its key/value blocks with one ``index_select``, is scored with one
+  ``baddbmm``, masked by the layout's element rule, softmaxed and multiplied with the gathered
+  values (GQA: rows index their key/value head, nothing is repeated).
+
+Scratch buffers are cached per shape: on the small VMs this project runs on, first-touch page
+faults of a fresh 80 MB score buffer cost more than the softmax over it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from attnopt.codegen.ops import AttentionCall, exact_attention, register_kernel
+from attnopt.replacements.block_layout import BlockLayout, ElementRule
+from attnopt.replacements.block_sparse import BlockSparseConfig, layout_for, static_windows
+from attnopt.replacements.exact import combined_allowed
+
+__all__ = ["band_attention", "layout_attention", "block_sparse_cpu", "DEFAULT_CHUNK"]
+
+#: Query rows per chunk of the band path. Smaller chunks waste fewer masked scores (``C - 1`` of
+#: ``C + W - 1`` per row) but give smaller matmuls; see benchmarks/results/cpu_block_sparse.md
+#: for the sweep (N=4096, W=512, D=64).
+DEFAULT_CHUNK = 64
+#: Largest score tile of the band path, in elements (16 MB of fp32): a whole head at N=4096,
+#: W=512, C=128 fits, so each head is one ``baddbmm`` / softmax / ``bmm``. Fewer, larger ops
+#: measured faster than cache-sized tiles here, and they suffer less when other processes
+#: share the two cores (every op is an OpenMP barrier).
+_MAX_TILE = 4 * 1024 * 1024
+
+_NEG_INF = float("-inf")
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+_BIASES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable flat scratch tensor of at least ``numel`` elements."""
+    key = (name, dtype, device)
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _BUFFERS[key] = buf
+    return buf[:numel]
+
+
+def _band_bias(chunk: int, window: int, sink: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive masks of a band chunk's lower edge (cols ``[0, C-1)``) and diagonal (cols ``[W, C+W-1)``).
+
+    Column ``j`` of the band holds key ``p0 - W + 1 + j`` for a chunk whose first query sits at
+    absolute position ``p0``; row ``i`` may see it iff ``i <= j <= i + W - 1``.
+    """
+    key = (chunk, window, sink, dtype)
+    if key not in _BIASES:
+        i = torch.arange(chunk)[:, None]
+        j = torch.arange(chunk + window - 1)[None, :]
+        allowed = (j >= i) & (j <= i + window - 1)
+        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, _NEG_INF)
+        _BIASES[key] = (bias[:, : chunk - 1].contiguous(), bias[:, window:].contiguous())
+    return _BIASES[key]
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Bool (True = attend) or additive mask as an additive float mask."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, _NEG_INF)
+    return mask.to(dtype)
+
+
+def _rule_allowed(rule: ElementRule, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """Element rule (one window) on absolute positions, broadcasting ``qpos`` against ``kpos``."""
+    allowed = torch.ones(torch.broadcast_shapes(qpos.shape, kpos.shape), dtype=torch.bool, device=qpos.device)
+    if rule.causal:
+        allowed &= kpos <= qpos
+    if rule.window is not None:
+        near = kpos > qpos - rule.window[0]
+        if rule.sink:
+            near |= kpos < rule.sink
+        allowed &= near
+    return allowed
+
+
+def _dense_rows(q, k, v, out, mask, *, scale, rows, keys, offset, window, sink) -> None:
+    """Plain masked attention of query rows ``rows`` over key range ``keys``, written into ``out``.
+
+    Used for the band's head (rows whose band would start before key 0) and ragged tail.
+    """
+    r0, r1 = rows
+    k0, k1 = keys
+    if r1 <= r0:
+        return
+    groups = q.shape[1] // k.shape[1]
+    qpos = torch.arange(r0, r1, device=q.device)[:, None] + offset
+    kpos = torch.arange(k0, k1, device=q.device)[None, :]
+    rule = ElementRule(causal=True, window=(window,), sink=sink)
+    bias = torch.zeros(qpos.shape[0], kpos.shape[1], dtype=q.dtype).masked_fill_(
+        ~_rule_allowed(rule, qpos, kpos), _NEG_INF
+    )
+    b, hq = q.shape[0], q.shape[1]
+    qs = q[:, :, r0:r1].reshape(b, k.shape[1], groups, r1 - r0, q.shape[-1])
+    s = torch.matmul(qs, k[:, :, None, k0:k1].transpose(-1, -2)).mul_(scale).add_(bias)
+    if mask is not None:
+        s = s + mask[..., r0:r1, k0:k1].reshape(*s.shape[:2], -1, *s.shape[-2:])
+    p = torch.softmax(s, dim=-1)
+    out[:, :, r0:r1] = torch.matmul(p, v[:, :, None, k0:k1]).reshape(b, hq, r1 - r0, v.shape[-1])
+
+
+def band_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    window: int,
+    sink: int = 0,
+    attn_mask: torch.Tensor | None = None,
+    chunk: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal (bottom-right) attention where query ``p`` sees keys ``(p - window, p]`` and keys ``< sink``.
+
+    Args:
+        q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``; v: ``(B, Hkv, Nk, Dv)``; GQA when ``Hkv < Hq``.
+        window: keys per query counted including the diagonal (``>= 1``).
+        sink: leading keys every query sees in addition to its window.
+        attn_mask: extra bool/additive mask broadcastable to ``(B, Hq, Nq, Nk)``, applied inside the band.
+        chunk: query rows per chunk (``C``); ``None`` reads :data:`DEFAULT_CHUNK` at call time.
+        out: optional ``(B, Hq, Nq, Dv)`` tensor to write into.
+
+    Returns:
+        ``(B, Hq, Nq, Dv)``; equals ``attention_reference`` with the same allowed map.
+    """
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups = hq // hkv
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    if window < 1 or chunk < 1:
+        raise ValueError(f"Expected window >= 1 and chunk >= 1, but got window={window}, chunk={chunk}.")
+    if out is None:
+        out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
+    mask = _additive(attn_mask, q.dtype)
+    if mask is not None:
+        mask = mask.expand(b, hq, nq, nk)
+    offset = nk - nq
+    window = min(window, nk)
+    sink = min(sink, nk)
+    band = chunk + window - 1
+    first = max(0, min(nq, window - 1 - offset))  # first row whose band starts at key >= 0
+    nchunks = (nq - first) // chunk
+    tail = first + nchunks * chunk
+    if mask is None and offset == 0 and first > 0:
+        # Rows before the first full window see every earlier key: plain causal attention, where
+        # SDPA's flash kernel skips the upper triangle (half the work of a masked dense block).
+        out[:, :, :first] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, :first],
+            k[:, :, :first],
+            v[:, :, :first],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=groups > 1,
+        )
+    else:
+        _dense_rows(q, k, v, out, mask, scale=scale, rows=(0, first), keys=(0, min(nk, first + offset)),
+                    offset=offset, window=window, sink=sink)  # fmt: skip
+    _dense_rows(q, k, v, out, mask, scale=scale, rows=(tail, nq), keys=(0, nk), offset=offset, window=window,
+                sink=sink)  # fmt: skip
+    if nchunks == 0:
+        return out
+    k = k.contiguous()
+    v = v.contiguous()
+    q = q.contiguous()
+    lo, hi = _band_bias(chunk, window, sink, q.dtype)
+    rows = groups * chunk
+    extra = sink if sink else 0
+    width = band + extra
+    step = max(1, min(nchunks, _MAX_TILE // (rows * width)))
+    s_buf = _buffer("band_s", step * rows * width, q.dtype, q.device)
+    o_buf = _buffer("band_o", step * rows * dv, q.dtype, q.device) if groups > 1 else None
+    if sink:
+        kb = _buffer("band_k", step * width * d, q.dtype, q.device)
+        vb = _buffer("band_v", step * width * dv, q.dtype, q.device)
+        sink_bias = _sink_bias(chunk, window, sink, first + offset, nchunks, q.dtype)
+    for bi in range(b):
+        for kh in range(hkv):
+            kbase, vbase = k[bi, kh], v[bi, kh]
+            qh = q[bi, kh * groups : (kh + 1) * groups, first:tail].reshape(groups, nchunks, chunk, d)
+            for c0 in range(0, nchunks, step):
+                n = min(step, nchunks - c0)
+                key0 = first + offset + c0 * chunk - window + 1
+                kview = kbase.as_strided((n, band, d), (chunk * d, d, 1), kbase.storage_offset() + key0 * d)
+                vview = vbase.as_strided(
+                    (n, band, dv), (chunk * dv, dv, 1), vbase.storage_offset() + key0 * dv
+                )
+                if groups == 1:
+                    qc = qh[0, c0 : c0 + n]
+                else:
+                    qc = qh[:, c0 : c0 + n].transpose(0, 1).reshape(n, rows, d)
+                s = s_buf[: n * rows * width].view(n, rows, width)
+                if sink:
+                    kcat = kb[: n * width * d].view(n, width, d)
+                    kcat[:, :sink] = kbase[:sink]
+                    kcat[:, sink:] = kview
+                    vcat = vb[: n * width * dv].view(n, width, dv)
+                    vcat[:, :sink] = vbase[:sink]
+                    vcat[:, sink:] = vview
+                    kview, vview = kcat, vcat
+                torch.baddbmm(s, qc, kview.transpose(-1, -2), beta=0.0, alpha=scale, out=s)
+                sb = s[:, :, extra:].view(n, groups, chunk, band)
+                if chunk > 1:
+                    sb[..., : chunk - 1].add_(lo)
+                sb[..., window:].add_(hi)
+                if sink:
+                    s[:, :, :extra].view(n, groups, chunk, sink).add_(sink_bias[c0 : c0 + n, None])
+                if mask is not None:
+                    _add_band_mask(s, mask, bi, kh, groups, first + c0 * chunk, key0, n, chunk, band, extra)
+                torch.ops.aten._softmax.out(s, -1, False, out=s)
+                row0 = first + c0 * chunk
+                if groups == 1:
+                    dst = out[bi, kh, row0 : row0 + n * chunk].view(n, chunk, dv)
+                    torch.bmm(s, vview, out=dst)
+                else:
+                    o = o_buf[: n * rows * dv].view(n, rows, dv)
+                    torch.bmm(s, vview, out=o)
+                    dst = out[bi, kh * groups : (kh + 1) * groups, row0 : row0 + n * chunk]
+                    dst.copy_(o.view(n, groups, chunk, dv).transpose(0, 1).reshape(groups, n * chunk, dv))
+    if mask is not None:
+        out.nan_to_num_(0.0)  # rows the extra mask empties entirely
+    return out
+
+
+def _sink_bias(chunk: int, window: int, sink: int, pos0: int, nchunks: int, dtype) -> torch.Tensor:
+    """``(nchunks, C, sink)`` bias: a sink key counts only where the window does not already hold it."""
+    key = ("sink", chunk, window, sink, pos0, nchunks, dtype)
+    if key not in _BIASES:
+        p = pos0 + torch.arange(nchunks * chunk).view(nchunks, chunk, 1)
+        j = torch.arange(sink).view(1, 1, sink)
+        bias = torch.zeros(nchunks, chunk, sink, dtype=dtype).masked_fill_(j >= p - window + 1, _NEG_INF)
+        _BIASES[key] = (bias, bias)
+    return _BIASES[key][0]
+
+
+def _add_band_mask(s, mask, bi, kh, groups, row0, key0, n, chunk, band, extra) -> None:
+    """Add the extra mask's band entries to the score tile (as a strided view, no gather)."""
+    for g in range(groups):
+        m = mask[bi, kh * groups + g]
+        sr, sc = m.stride()
+        view = m.as_strided(
+            (n, chunk, band), (chunk * (sr + sc), sr, sc), m.storage_offset() + row0 * sr + key0 * sc
+        )
+        s[:, :, extra:].view(n, groups, chunk, band)[:, g].add_(view)
+        if extra:
+            sview = m.as_strided((n, chunk, extra), (chunk * sr, sr, sc), m.storage_offset() + row0 * sr)
+            s[:, :, :extra].view(n, groups, chunk, extra)[:, g].add_(sview)
+
+
+def layout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    scale: float,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over the blocks of ``layout`` (partial and full), equal to ``to_dense()``-masked attention.
+
+    All (batch, head, query block) rows are flattened and sorted by how many key blocks they
+    visit; each tile of rows with similar counts gathers its key/value blocks with one
+    ``index_select`` and runs one ``baddbmm`` / softmax / ``bmm``. The layout's element rule,
+    the ragged end of the keys and ``attn_mask`` are applied to the gathered scores.
+    """
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups = hq // hkv
+    qb, kb = layout.q_block, layout.kv_block
+    mq, mk = layout.num_q_blocks, layout.num_kv_blocks
+    num, idx = layout.union()
+    kinds = layout.block_map().expand(b, hq, mq, mk).reshape(-1, mk)
+    num = num.expand(b, hq, mq).reshape(-1).long()
+    idx = idx.expand(b, hq, mq, mk).reshape(-1, mk).long()
+    pad_q, pad_k = mq * qb - nq, mk * kb - nk
+    qf = torch.nn.functional.pad(q, (0, 0, 0, pad_q)).reshape(b * hq * mq, qb, d)
+    kf = torch.nn.functional.pad(k, (0, 0, 0, pad_k)).reshape(b * hkv * mk, kb, d)
+    vf = torch.nn.functional.pad(v, (0, 0, 0, pad_k)).reshape(b * hkv * mk, kb, dv)
+    out = torch.zeros(b * hq * mq, qb, dv, dtype=q.dtype, device=q.device)
+    mask = _additive(attn_mask, q.dtype)
+    if mask is not None:
+        mask = torch.nn.functional.pad(mask.expand(b, hq, nq, nk), (0, pad_k, 0, pad_q)).reshape(
+            -1, qb, mk, kb
+        )
+    rule = layout.rule
+    explicit = None
+    if rule.mask is not None:
+        explicit = torch.nn.functional.pad(rule.mask.expand(b, hq, nq, nk), (0, pad_k, 0, pad_q))
+        explicit = explicit.reshape(-1, qb, mk, kb)
+    rows_all = torch.arange(b * hq * mq, device=q.device)
+    head_of = (rows_all // mq) % hq
+    kv_row = (rows_all // (mq * hq)) * hkv + head_of // groups  # (b, kv head) of each row
+    qpos_of = (rows_all % mq)[:, None] * qb + torch.arange(qb, device=q.device) + (nk - nq)
+    windows = None
+    if rule.window is not None:
+        wt = torch.tensor(rule.window if len(rule.window) > 1 else rule.window * hq, device=q.device)
+        windows = wt[head_of]
+    order = torch.argsort(num, descending=True, stable=True)
+    order = order[num[order] > 0]
+    start = 0
+    while start < order.numel():
+        kmax = int(num[order[start]])
+        rows_per_tile = max(1, _MAX_TILE // (qb * kmax * kb))
+        rows = order[start : start + rows_per_tile]
+        start += rows.numel()
+        t = rows.numel()
+        sel = idx[rows, :kmax]  # (T, K) key blocks, ascending; entries past num are padding
+        flat = (kv_row[rows, None] * mk + sel).reshape(-1)
+        kg = kf.index_select(0, flat).view(t, kmax * kb, d)
+        vg = vf.index_select(0, flat).view(t, kmax * kb, dv)
+        s = _buffer("layout_s", t * qb * kmax * kb, q.dtype, q.device).view(t, qb, kmax * kb)
+        torch.baddbmm(s, qf.index_select(0, rows), kg.transpose(-1, -2), beta=0.0, alpha=scale, out=s)
+        valid = torch.arange(kmax, device=q.device) < num[rows, None]  # (T, K)
+        s4 = s.view(t, qb, kmax, kb)
+        if not bool(valid.all()):
+            s4.add_(
+                torch.zeros(t, 1, kmax, 1, dtype=q.dtype).masked_fill_(~valid.view(t, 1, kmax, 1), _NEG_INF)
+            )
+        # Only partial blocks (and the ragged last key block) need the element rule.
+        need = (torch.gather(kinds[rows], 1, sel) == 1) | ((sel == mk - 1) if pad_k else False)
+        ri, ki = (need & valid).nonzero(as_tuple=True)
+        if ri.numel():
+            sub = s4[ri, :, ki, :]  # (P, qb, kb)
+            kpos = (sel[ri, ki, None] * kb + torch.arange(kb, device=q.device))[:, None, :]
+            qpos = qpos_of[rows[ri]][:, :, None]
+            ok = kpos < nk
+            if rule.causal:
+                ok = ok & (kpos <= qpos)
+            if windows is not None:
+                near = kpos > qpos - windows[rows[ri]].view(-1, 1, 1)
+                ok = ok & ((near | (kpos < rule.sink)) if rule.sink else near)
+            if explicit is not None:
+                ok = ok & explicit[rows[ri], :, sel[ri, ki], :]
+            s4[ri, :, ki, :] = sub.masked_fill_(~ok, _NEG_INF)
+        if mask is not None:
+            s.add_(_gather_blocks(mask, rows, sel))
+        torch.ops.aten._softmax.out(s, -1, False, out=s)
+        out.index_copy_(0, rows, torch.bmm(s, vg))
+    out = out.view(b, hq, mq * qb, dv)[:, :, :nq]
+    return out.nan_to_num_(0.0)
+
+
+def _gather_blocks(x: torch.Tensor, rows: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """``(rows, qb, Mk, kb)`` blocks → ``(T, qb, K*kb)`` for query-block rows ``rows`` and key blocks ``sel``."""
+    t, kmax = sel.shape
+    g = x.permute(0, 2, 1, 3)[rows[:, None].expand(t, kmax), sel]  # (T, K, qb, kb)
+    return g.permute(0, 2, 1, 3).reshape(t, x.shape[1], kmax * x.shape[3])
+
+
+# -- the registered kernel -----------------------------------------------------------------
+
+_CONFIGS: dict[str, BlockSparseConfig] = {}
+
+
+def _config(call: AttentionCall) -> BlockSparseConfig:
+    raw = call.config["config"]
+    key = json.dumps(raw, sort_keys=True)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        cfg = _CONFIGS[key] = BlockSparseConfig.from_json(raw)
+    return cfg
+
+
+def _static(call: AttentionCall, cfg: BlockSparseConfig) -> torch.Tensor:
+    q, k, v = call.q, call.k, call.v
+    if not call.causal:
+        raise ValueError(
+            f"Expected a causal call for static sink+window mode (site {call.config.get('site', '?')}), but got "
+            "is_causal=False. Plan this site with mode='dynamic' instead."
+        )
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    groups = hq // hkv
+    windows = static_windows(cfg, nk, hq)
+    if call.window:
+        windows = [min(w, call.window) for w in windows]
+    out = torch.empty(b, hq, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    by_window: dict[int, list[int]] = {}
+    for h, w in enumerate(windows):
+        by_window.setdefault(w, []).append(h)
+    mask = call.attn_mask
+    for w, heads in by_window.items():
+        whole = len(heads) == hq
+        if whole:
+            qs, ks, vs, ms = q, k, v, mask
+        else:
+            hidx = torch.tensor(heads, device=q.device)
+            kv_heads = sorted({h // groups for h in heads})
+            aligned = len(heads) == len(kv_heads) * groups
+            kidx = torch.tensor(kv_heads if aligned else [h // groups for h in heads], device=q.device)
+            qs, ks, vs = q.index_select(1, hidx), k.index_select(1, kidx), v.index_select(1, kidx)
+            ms = (
+                None
+                if mask is None
+                else (mask.index_select(1, hidx) if mask.dim() == 4 and mask.shape[1] > 1 else mask)
+            )
+        if w >= nk:  # the window covers everything: plain causal attention
+            sub = AttentionCall(qs, ks, vs, ms, [], call.scale, True, None, call.config)
+            res = exact_attention(sub)
+        else:
+            res = band_attention(qs, ks, vs, scale=call.scale, window=w, sink=cfg.sink, attn_mask=ms,
+                                 out=out if whole else None)  # fmt: skip
+        if whole:
+            if res is not out:
+                out.copy_(res)
+        else:
+            out[:, heads] = res
+    return out
+
+
+@register_kernel("block_sparse", "cpu")
+def block_sparse_cpu(call: AttentionCall) -> torch.Tensor:
+    """CPU kernel of ``attnopt::block_sparse``: the band path for static mode, the layout path otherwise."""
+    cfg = _config(call)
+    if cfg.mode == "static":
+        return _static(call, cfg)
+    q, k = call.q, call.k
+    mask = call.attn_mask
+    if call.window:  # the site's own sliding window rides along as an extra mask
+        win = combined_allowed(q.shape[-2], k.shape[-2], causal=True, window=call.window, device=q.device)
+        mask = (
+            win
+            if mask is None
+            else (mask & win if mask.dtype == torch.bool else mask.masked_fill(~win, _NEG_INF))
+        )
+    layout = layout_for(q, k, cfg, scale=call.scale, causal=call.causal, attn_mask=mask)
+    return layout_attention(q, k, call.v, layout, scale=call.scale, attn_mask=mask)
