@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -88,9 +87,10 @@ class StatsAccumulator:
                 0, bins.reshape(-1), p.reshape(-1)
             ).cpu() / len(rows)
             ent[hi] = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean().cpu()
-            probs_all.append(p.reshape(-1).cpu())
-        P = torch.nn.functional.normalize(torch.stack(probs_all), dim=-1)
-        sim = P @ P.T
+            probs_all.append(p.cpu())
+        # mean over sampled rows of the per-row cosine between heads' attention distributions
+        P = torch.nn.functional.normalize(torch.stack(probs_all), dim=-1)  # (H, rows, Nk)
+        sim = torch.einsum("hrn,grn->hg", P, P) / max(len(rows), 1)
         w_old, w_new = self._rows, len(rows)
         tot = w_old + w_new
 
@@ -155,5 +155,3 @@ def calibrate(
     return stats
 
 
-def _log2(x: int) -> int:
-    return int(math.log2(max(x, 1)))
