@@ -3,13 +3,26 @@
     model = attnopt.optimize(model, budget="2x", calib=batches)   # same model object, faster
     torch.compile(model, backend="attnopt")                       # as a torch.compile backend
     sites = attnopt.find_sites(model, input_ids=ids)              # what attention the model has
+    attnopt.plan(model, budget="2x", calib=batches).save("plan/") # offline plan, re-applied later
+    model = attnopt.apply(model, attnopt.load_plan("plan/"))
 """
 
 from attnopt import codegen as _codegen  # noqa: F401  (registers the attnopt::* operators)
-from attnopt.api import find_sites, optimize
+from attnopt.api import apply, backend, find_sites, load_plan, optimize, plan
 from attnopt.cost_model.budget import Budget, parse_budget
 from attnopt.patterns.site import AttentionSite
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionSite", "Budget", "find_sites", "optimize", "parse_budget", "__version__"]
+__all__ = [
+    "AttentionSite",
+    "Budget",
+    "apply",
+    "backend",
+    "find_sites",
+    "load_plan",
+    "optimize",
+    "parse_budget",
+    "plan",
+    "__version__",
+]

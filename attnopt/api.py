@@ -19,7 +19,7 @@ from attnopt.patterns.find import assign_names, find_sites_in_graph, prefix_site
 from attnopt.patterns.site import AttentionSite
 from attnopt.rewriter.capture import CAPTURE_METHODS, CapturedPart, capture_parts
 
-__all__ = ["find_sites", "optimize", "as_call", "capture_sites"]
+__all__ = ["find_sites", "optimize", "plan", "apply", "load_plan", "backend", "as_call", "capture_sites"]
 
 log = logging.getLogger("attnopt")
 
@@ -134,3 +134,96 @@ def _warn_no_sites(model: torch.nn.Module) -> None:
         f"attnopt found 0 attention sites in {type(model).__name__}; the model is returned unchanged.",
         stacklevel=3,
     )
+
+
+def plan(
+    model: torch.nn.Module,
+    budget: Any = "2x",
+    calib: Iterable[Any] | None = None,
+    target: str | None = None,
+    **options: Any,
+):
+    """Calibrate and plan ``model`` without changing what it computes; returns a :class:`Plan`.
+
+    ``target`` names a device profile (``"h100"``, ``"a100"``) so a plan for a GPU can be made
+    on a machine without one: calibration runs where the model is, latency comes from the
+    target's profile. Save it with ``plan.save(dir)``; apply it later with :func:`apply`.
+
+    Example::
+
+        >>> p = attnopt.plan(model, budget="2x", calib=batches)
+        >>> print(p.summary())          # site, family, config, predicted/measured ms, error
+        >>> p.save("plan/")
+    """
+    from attnopt.pipeline import run_plan
+    from attnopt.rewriter.install import uninstall_all
+
+    run = run_plan(model, budget, calib, target=target, **options)
+    uninstall_all(model)  # plan() leaves the model as it was
+    run.plan._sites = run.sites
+    run.plan._stats = run.stats
+    return run.plan
+
+
+def apply(model: torch.nn.Module, plan: Any, example: Any = None) -> torch.nn.Module:
+    """Apply a plan (from :func:`plan` or :func:`load_plan`) to ``model``; no calibration needed.
+
+    With ``example`` (one call, as in ``calib``), the model is captured first and the plan's
+    attention fingerprint is checked against it, so a plan made for another model fails with a
+    message naming the differences, before anything changes.
+    """
+    from attnopt.pipeline import install_plan
+
+    sites = getattr(plan, "_sites", None)
+    if example is not None:
+        args, kwargs = as_call(example)
+        _, sites = capture_sites(model, args, kwargs)
+        plan.check_fingerprint(sites)
+    return install_plan(model, plan, sites)
+
+
+def load_plan(directory: Any):
+    """Read a plan saved with ``Plan.save(dir)`` (validated; see :func:`attnopt.cost_model.plan.load_plan`)."""
+    from attnopt.cost_model.plan import load_plan as _load
+
+    return _load(directory)
+
+
+def backend(
+    plan: Any = None,
+    *,
+    budget: Any = None,
+    calib: Iterable[Any] | None = None,
+    model: torch.nn.Module | None = None,
+):
+    """A configured ``torch.compile`` backend: ``torch.compile(model, backend=attnopt.backend(plan=p))``.
+
+    With ``plan``, sites run the plan's choices; with ``budget`` and ``calib`` (and ``model``),
+    a plan is made first. With neither, every site runs exact attention. The rest of the graph
+    is compiled by Inductor as usual.
+    """
+    from attnopt.pipeline import plan_choices
+    from attnopt.rewriter.backend import RewriteBackend, exact_everywhere
+
+    if plan is None and budget is not None:
+        if model is None or calib is None:
+            raise ValueError(
+                "Expected model= and calib= with budget=, to plan before compiling; or pass plan=."
+            )
+        import attnopt.api as _api  # ``plan`` the argument shadows ``plan`` the function here
+
+        plan = _api.plan(model, budget, calib)
+    if plan is None:
+        return RewriteBackend(exact_everywhere, inductor=True)
+    choices = plan_choices(plan)
+    for e in plan.entries:
+        if e.family == "head_pruned":
+            raise NotImplementedError(
+                f"plan entry {e.site} prunes heads, which changes weights; apply it with attnopt.apply(model, plan) "
+                "before torch.compile(model, backend='attnopt')."
+            )
+
+    def choose(site: AttentionSite):
+        return choices.get(site.name) if site.rewritable else None
+
+    return RewriteBackend(choose, inductor=True)

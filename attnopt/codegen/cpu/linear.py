@@ -107,48 +107,48 @@ def _window_band(
     window: int,
     chunk: int,
 ) -> torch.Tensor:
-    """Σ over the exact window of exp(s_ij - m_i) [v_j, 1], chunked with an unfolded key band.
+    """Σ over the exact window of exp(s_ij - m_i) [v_j, 1], chunk by chunk.
+
+    Keys are laid out chunk-major and aligned with the queries (key ``j`` at query position
+    ``j - (Nk - Nq)``), padded in front by ``nb`` chunks, so query chunk ``c`` sees key chunks
+    ``c .. c + nb`` of the padded sequence: ``nb + 1`` batched matmuls over contiguous slices,
+    with no copies of overlapping bands.
 
     Shapes: q ``(B, Hkv, G, Nq, D)``, k ``(B, Hkv, Nk, D)``, v1 ``(B, Hkv, Nk, Dv+1)``, keep
     ``(B, Hkv, Nk)`` or None. Returns ``(B, Hkv, G, Nq, Dv+1)``.
     """
     b, hkv, g, nq, d = q.shape
-    nk = k.shape[2]
-    offset = nk - nq
+    nk, dv1 = k.shape[2], v1.shape[-1]
     nc = -(-nq // chunk)
-    band = chunk + window - 1
-    # Band of chunk c starts at key c*C + offset - window + 1; shift so that index is c*C.
-    front = window - 1 - offset
-    need = (nc - 1) * chunk + band
-    valid = keep if keep is not None else torch.ones(1, 1, nk).expand(b, hkv, nk)
+    nb = -(-(window - 1) // chunk)
+    total = (nc + nb) * chunk
+    front = nb * chunk - (nk - nq)  # padded index of key j is j + front
+    valid = keep if keep is not None else k.new_ones(1, 1, nk).expand(b, hkv, nk)
 
-    def shifted(x: torch.Tensor) -> torch.Tensor:
-        x = (
-            x[:, :, -front:]
-            if front < 0
-            else F.pad(x, (0, 0, front, 0))
-            if x.dim() == 4
-            else F.pad(x, (front, 0))
-        )
-        n = x.shape[2]
-        if n < need:
-            x = F.pad(x, (0, 0, 0, need - n)) if x.dim() == 4 else F.pad(x, (0, need - n))
-        return x[:, :, :need]
+    def chunk_major(x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, Hkv, Nk, ...) aligned and padded to ``total`` keys, as (nc + nb, B, Hkv, C, ...)."""
+        tail = (0, 0) if x.dim() == 4 else ()  # F.pad pairs run from the last dim backwards
+        x = x[:, :, -front:] if front < 0 else F.pad(x, (*tail, front, 0))
+        x = F.pad(x, (*tail, 0, total - x.shape[2])) if x.shape[2] < total else x[:, :, :total]
+        x = x.reshape(b, hkv, nc + nb, chunk, *x.shape[3:])
+        return x.movedim(2, 0).contiguous()
 
-    k_b = shifted(k).unfold(2, band, chunk)  # (B, Hkv, nc, D, band)
-    v_b = shifted(v1).unfold(2, band, chunk).transpose(-1, -2)  # (B, Hkv, nc, band, Dv+1)
-    ok_b = shifted(valid).unfold(2, band, chunk)  # (B, Hkv, nc, band)
-    q_c = F.pad(q, (0, 0, 0, nc * chunk - nq)).reshape(b, hkv, g, nc, chunk, d)
-    scores = (q_c @ k_b[:, :, None]) * scale  # (B, Hkv, G, nc, C, band)
-    r = torch.arange(chunk)[:, None]
-    col = torch.arange(band)[None, :]
-    in_band = (col >= r) & (col <= r + window - 1)
-    allowed = in_band & (ok_b[:, :, None, :, None, :] > 0)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
-    weights = torch.exp(scores - row_max) * ok_b[:, :, None, :, None, :]
-    out = weights @ v_b[:, :, None]
-    return out.reshape(b, hkv, g, nc * chunk, -1)[..., :nq, :]
+    k_c, v_c, ok_c = chunk_major(k), chunk_major(v1), chunk_major(valid)
+    q_c = F.pad(q * scale, (0, 0, 0, nc * chunk - nq)).reshape(b, hkv, g, nc, chunk, d)
+    q_c = q_c.permute(3, 0, 1, 2, 4, 5).reshape(nc, b, hkv, g * chunk, d)
+    scores = torch.cat([q_c @ k_c[o : o + nc].transpose(-1, -2) for o in range(nb + 1)], dim=-1)
+    rows = torch.arange(chunk).repeat(g)[:, None]  # query offset inside its chunk
+    cols = torch.arange((nb + 1) * chunk)[None, :] - nb * chunk  # key offset from the chunk start
+    in_band = (cols <= rows) & (cols > rows - window)
+    ok = torch.cat([ok_c[o : o + nc] for o in range(nb + 1)], dim=-1)[:, :, :, None, :] > 0
+    scores.masked_fill_(~(in_band & ok), float("-inf"))  # hidden keys get weight exp(-inf) = 0
+    row_max = scores.amax(dim=-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)
+    weights = scores.sub_(row_max).exp_()
+    out = weights[..., :chunk] @ v_c[:nc]
+    for o in range(1, nb + 1):
+        out.add_(weights[..., o * chunk : (o + 1) * chunk] @ v_c[o : o + nc])
+    out = out.reshape(nc, b, hkv, g, chunk, dv1).permute(1, 2, 3, 0, 4, 5)
+    return out.reshape(b, hkv, g, nc * chunk, dv1)[..., :nq, :]
 
 
 def linear_attention_cpu(

@@ -28,7 +28,7 @@ from attnopt.replacements.quantized import (
     smooth_keys,
 )
 
-__all__ = ["quantized_attention_cpu"]
+__all__ = ["quantized_attention_cpu", "quantized_kernel"]
 
 #: Score elements per chunk tile (B * Hq * chunk * keys); ~8 MB of fp32 keeps tiles in cache-ish sizes.
 _TILE_ELEMENTS = 1 << 21
