@@ -195,6 +195,11 @@ def run_plan(
             log.info("kept exact: %s (%s)", s.name, s.reason)
     exact = {s.name: Choice("exact") for s in sites if s.rewritable}
     install_choices(model, parts, exact)
+    if parsed.speedup in (None, 1.0) and parsed.latency_ms is None:
+        # "1x": no speedup asked, exact everywhere; nothing to calibrate or measure.
+        plan = exact_plan(sites, parsed, timings)
+        plan.parts = [p.path for p in parts]
+        return PlanRun(plan, parts, sites)
 
     n_held = 0 if len(calls) < 2 or not validate else max(1, round(len(calls) * cal_cfg.heldout_fraction))
     train, held = calls[: len(calls) - n_held], calls[len(calls) - n_held :] or calls[:1]
@@ -216,6 +221,22 @@ def run_plan(
     plan.parts = [p.path for p in parts]
     plan.steps = steps
     return PlanRun(plan, parts, sites, stats, steps)
+
+
+def exact_plan(sites: list[AttentionSite], budget: Budget, timings: dict[str, float] | None = None) -> Plan:
+    """The plan that runs exact attention at every site (what budget "1x" asks for)."""
+    from attnopt.cost_model.device import versions
+    from attnopt.cost_model.plan import PlanEntry, fingerprint
+
+    return Plan(
+        entries=[PlanEntry(site=s.name, family="exact", config={}) for s in sites],
+        budget=budget,
+        fingerprint=fingerprint(sites),
+        sites=[s.structure() for s in sites],
+        totals={"speedup": 1.0, "error": 0.0},
+        timings=dict(timings or {}),
+        versions=versions(),
+    )
 
 
 def _validate_and_tighten(model, sites, candidates, budget: Budget, plan: Plan, held, plan_kwargs) -> tuple[Plan, list[str]]:

@@ -163,8 +163,10 @@ class GraphContext:
 
 
 def _carries_tensor(node: fx.Node) -> bool:
+    from torch.fx.passes.shape_prop import TensorMetadata
+
     v = node_val(node)
-    if v is None:
+    if v is None or isinstance(v, TensorMetadata):
         return True
     if isinstance(v, (torch.SymInt, int, float, bool, torch.Size)):
         return False

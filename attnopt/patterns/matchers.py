@@ -217,9 +217,12 @@ def _const_scalar(x: Any, ctx: GraphContext) -> float | None:
     if c is not None or not isinstance(x, fx.Node):
         return c
     shape = node_shape(x)
-    if shape is not None and all(s == 1 for s in shape):
+    if shape is None or all(s == 1 for s in shape):
+        # a 1-element tensor constant, or a Python number computed in the graph (``d ** -0.5``)
         val = ctx.value(x)
-        if val is not None and hasattr(val, "numel") and val.numel() == 1:
+        if isinstance(val, (int, float)) and not isinstance(val, bool):
+            return float(val)
+        if val is not None and hasattr(val, "numel") and val.numel() == 1 and not ctx.depends_on_input_values(x):
             return float(val.reshape(()))
     return None
 
