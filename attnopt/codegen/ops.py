@@ -238,7 +238,7 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
         family, inner, call.params = override[0], override[1], list(override[2])
         call.config = {**cfg, "family": family, "config": inner}
         if family == "head_pruned":
-            return _head_pruned_emulation(call).to(v.dtype)
+            return _head_pruned_emulation(call).to(v.dtype).contiguous()
     kernel = KERNELS.get((family, q.device.type)) or KERNELS.get((family, "any"))
     if kernel is None:
         raise NotImplementedError(
@@ -246,7 +246,10 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
             f"registered: {sorted(KERNELS)}."
         )
     out = kernel(call)
-    return out if out.dtype == v.dtype else out.to(v.dtype)
+    out = out if out.dtype == v.dtype else out.to(v.dtype)
+    # The contract (and the fake kernel) is a contiguous (B, H, Nq, Dv) tensor; SDPA's CPU
+    # flash kernel returns a transposed view, which compilers checking strides would reject.
+    return out.contiguous()
 
 
 def _define(family: str) -> None:
