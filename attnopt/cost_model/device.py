@@ -1,0 +1,286 @@
+"""Device profiles: the few numbers that turn a candidate's FLOPs and bytes into seconds.
+
+A profile holds peak matmul rates per dtype/format, memory bandwidth, a per-family efficiency
+(the share of the site dtype's matmul rate that family's kernel reaches on its own FLOP count)
+plus a per-family fixed cost, and a launch overhead. Two kinds exist:
+
+* *seed* profiles (``"h100"``, ``"a100"``) written from ANCHORS.md and public datasheets, for
+  planning towards a device one does not have; their ``source`` field says where every number
+  came from;
+* *measured* profiles from :func:`attnopt.cost_model.profiling.profile_device`, cached as JSON
+  keyed by device name and torch/triton versions (a new torch changes kernel speeds).
+
+:func:`get_profile` is the one entry the planner uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import pathlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "DeviceProfile",
+    "SEED_PROFILES",
+    "cache_dir",
+    "get_profile",
+    "local_device_name",
+    "load_cached_profile",
+    "save_profile",
+    "versions",
+]
+
+
+@dataclass
+class DeviceProfile:
+    """Roofline numbers of one device.
+
+    Attributes:
+        name: device name, e.g. ``"NVIDIA H100 80GB HBM3"`` or ``"cpu-AMD EPYC-2t"``.
+        device_type: ``"cuda"`` or ``"cpu"``.
+        matmul_tflops: peak dense matmul rate per dtype/format name (``"float32"``,
+            ``"float16"``, ``"bfloat16"``, ``"int8"``, ``"float8_e4m3fn"``), TFLOP/s (TOP/s).
+        memory_gbps: sustained memory bandwidth (read + write), GB/s.
+        efficiency: per family, the share of ``matmul_tflops[site dtype]`` its kernel reaches
+            on the FLOPs its cost formula states (``"exact"`` = the dense SDPA backend).
+        overhead_us: per family, a fixed cost per call on top of ``launch_overhead_us``
+            (Python-level work of CPU kernels, block-layout set-up, ...).
+        causal_tile: per family, the tile size by which its kernel skips masked causal work
+            (0 or absent: its cost formula already counts the right work); see
+            :func:`attnopt.cost_model.latency.causal_work_factor`.
+        launch_overhead_us: fixed cost of one operator call.
+        source: where the numbers come from (``"measured ..."`` or datasheet references).
+        versions: torch/triton/attnopt versions the profile was measured with.
+        target: the short name the profile was requested as (``"h100"``, ``"local"``, ...).
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    name: str
+    device_type: str
+    matmul_tflops: dict[str, float]
+    memory_gbps: float
+    efficiency: dict[str, float] = field(default_factory=dict)
+    overhead_us: dict[str, float] = field(default_factory=dict)
+    causal_tile: dict[str, int] = field(default_factory=dict)
+    launch_overhead_us: float = 5.0
+    source: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    target: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.matmul_tflops or any(not v > 0 for v in self.matmul_tflops.values()):
+            raise ValueError(f"Expected positive matmul rates, but got matmul_tflops={self.matmul_tflops}.")
+        if not self.memory_gbps > 0:
+            raise ValueError(f"Expected a positive memory bandwidth, but got memory_gbps={self.memory_gbps}.")
+        bad = {k: v for k, v in self.efficiency.items() if not 0 < v <= 4}
+        if bad:
+            raise ValueError(f"Expected efficiencies in (0, 4], but got {bad}. Re-measure the profile.")
+
+    def rate(self, dtype: str) -> float:
+        """Matmul FLOP/s for ``dtype``; an unknown dtype falls back to the slowest known rate."""
+        tflops = self.matmul_tflops.get(dtype)
+        if tflops is None:
+            tflops = min(self.matmul_tflops.values())
+        return tflops * 1.0e12
+
+    def family_efficiency(self, family: str) -> float:
+        """Efficiency of ``family``'s kernel; a family never measured is taken as fast as exact."""
+        if family == "head_pruned":  # runs the exact operator with fewer heads
+            family = "exact"
+        return self.efficiency.get(family, self.efficiency.get("exact", 0.5))
+
+    def family_overhead_s(self, family: str) -> float:
+        """Fixed seconds per call of ``family``: launch overhead plus the family's own."""
+        if family == "head_pruned":
+            family = "exact"
+        return (self.launch_overhead_us + self.overhead_us.get(family, 0.0)) * 1.0e-6
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-friendly dict with a schema version."""
+        return {"version": self.VERSION, "fields": dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DeviceProfile:
+        """Inverse of :meth:`to_json`; a newer version raises ``ValueError``."""
+        if not isinstance(d, dict) or "fields" not in d:
+            raise ValueError(f"Expected a profile dict with 'version' and 'fields', but got keys {list(d)}.")
+        if int(d.get("version", -1)) > cls.VERSION:
+            raise ValueError(
+                f"The device profile has version {d.get('version')}, newer than this attnopt understands "
+                f"({cls.VERSION}); upgrade attnopt or delete the cached profile."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d["fields"].items() if k in names})
+
+
+_H100_SOURCE = (
+    "seed: bf16/fp16 matmul 687 TFLOP/s and copy 3.0 TB/s measured in ANCHORS.md (one H100 80GB, torch 2.11); "
+    "fp32 67 TFLOP/s, int8/fp8 1979 TOP/s from the NVIDIA H100 SXM datasheet scaled by the measured/datasheet "
+    "bf16 ratio 687/989; efficiencies from ANCHORS.md: exact = SDPA cuDNN 610 TF, block_sparse = FlexAttention "
+    "block-mask 370-425 TF useful, quantized = SageAttention 1.0.6 ~440 TF dense-eq, linear = fla chunked "
+    "linear attention ~107 TF on its own FLOP count; shared and the 5 us launch overhead are estimates"
+)
+_A100_SOURCE = (
+    "seed: NVIDIA A100 SXM 80GB datasheet (bf16/fp16 312, tf32-off fp32 19.5, int8 624 TFLOP/s; 2039 GB/s "
+    "HBM2e); exact efficiency 0.70 from the FlashAttention-2 paper (~73% of peak forward); the other "
+    "families scaled from the H100 anchors; launch overhead an estimate"
+)
+
+#: Profiles of devices one may plan for without having them.
+SEED_PROFILES: dict[str, DeviceProfile] = {
+    "h100": DeviceProfile(
+        name="NVIDIA H100 80GB HBM3",
+        device_type="cuda",
+        matmul_tflops={
+            "bfloat16": 687.0,
+            "float16": 687.0,
+            "float32": 67.0,
+            "int8": 1375.0,
+            "float8_e4m3fn": 1375.0,
+        },
+        memory_gbps=3000.0,
+        efficiency={"exact": 0.89, "block_sparse": 0.58, "quantized": 0.64, "linear": 0.16, "shared": 0.6},
+        causal_tile={"exact": 128},
+        launch_overhead_us=5.0,
+        source=_H100_SOURCE,
+        target="h100",
+    ),
+    "a100": DeviceProfile(
+        name="NVIDIA A100-SXM4-80GB",
+        device_type="cuda",
+        matmul_tflops={"bfloat16": 312.0, "float16": 312.0, "float32": 19.5, "int8": 624.0},
+        memory_gbps=2039.0,
+        efficiency={"exact": 0.70, "block_sparse": 0.46, "quantized": 0.55, "linear": 0.13, "shared": 0.47},
+        causal_tile={"exact": 128},
+        launch_overhead_us=5.0,
+        source=_A100_SOURCE,
+        target="a100",
+    ),
+}
+
+
+def versions() -> dict[str, str]:
+    """torch/triton/attnopt versions, the part of a profile's cache key that is not the device."""
+    import attnopt
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover - triton is a dependency
+        triton_version = "none"
+    return {"torch": torch.__version__, "triton": triton_version, "attnopt": attnopt.__version__}
+
+
+def local_device_name(device: torch.device | str | None = None) -> str:
+    """A stable name for ``device`` (default: the first GPU if any, else the CPU)."""
+    dev = _resolve_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    model = "cpu"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu-{model}-{torch.get_num_threads()}t"
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Where profiles are cached: ``path``, else ``$ATTNOPT_CACHE``, else ``~/.cache/attnopt``."""
+    if path is not None:
+        return pathlib.Path(path)
+    env = os.environ.get("ATTNOPT_CACHE")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "attnopt"
+
+
+def _cache_file(name: str, directory: pathlib.Path) -> pathlib.Path:
+    v = versions()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"profile-{name}-torch{v['torch']}-triton{v['triton']}")
+    return directory / f"{stem}.json"
+
+
+def load_cached_profile(name: str, directory: str | os.PathLike | None = None) -> DeviceProfile | None:
+    """The cached measured profile of device ``name`` for the running versions, or None.
+
+    A cache file that cannot be read is ignored (and will be overwritten by a new measurement).
+    """
+    path = _cache_file(name, cache_dir(directory))
+    if not path.is_file():
+        return None
+    try:
+        return DeviceProfile.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def save_profile(profile: DeviceProfile, directory: str | os.PathLike | None = None) -> pathlib.Path:
+    """Write ``profile`` to the cache (atomically, so a crash never leaves half a file)."""
+    d = cache_dir(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = _cache_file(profile.name, d)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(profile.to_json(), indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def _target_matches_local(target: str) -> bool:
+    if target in ("local", "cpu"):
+        return True
+    if target == "cuda":
+        return torch.cuda.is_available()
+    return torch.cuda.is_available() and target.lower() in torch.cuda.get_device_name().lower()
+
+
+def get_profile(
+    target: str | DeviceProfile | None = None, *, cache: str | os.PathLike | None = None
+) -> DeviceProfile:
+    """The profile to plan with.
+
+    Args:
+        target: ``None``/``"local"`` (the device this process runs on: cached measurement or a
+            fresh one), ``"cpu"``/``"cuda"`` (that local device), a seed name in
+            :data:`SEED_PROFILES` (a measured profile when this machine is that device, else the
+            seed), or a :class:`DeviceProfile` (returned as is).
+        cache: cache directory override (see :func:`cache_dir`).
+
+    Raises:
+        ValueError: for an unknown target name.
+    """
+    if isinstance(target, DeviceProfile):
+        return target
+    from attnopt.cost_model.profiling import profile_device
+
+    if target is None or target in ("local", "cpu", "cuda"):
+        device = None if target in (None, "local") else target
+        return profile_device(device, cache_dir=cache)
+    if not isinstance(target, str):
+        raise TypeError(
+            f"Expected a target name or DeviceProfile, but got {type(target).__name__}: {target!r}."
+        )
+    key = target.lower()
+    if key not in SEED_PROFILES:
+        raise ValueError(
+            f"Expected a target in {['local', 'cpu', 'cuda', *SEED_PROFILES]} or a DeviceProfile, but got "
+            f"target={target!r}. Measure an unlisted device with profile_device() on it."
+        )
+    if _target_matches_local(key):
+        return profile_device("cuda", cache_dir=cache)
+    return copy.deepcopy(SEED_PROFILES[key])

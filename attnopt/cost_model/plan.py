@@ -1,0 +1,355 @@
+"""The Plan: what was chosen for every site, as data (JSON + safetensors), never code.
+
+A plan directory holds
+
+* ``plan.json`` — schema version, versions, device, budget, the model's attention fingerprint,
+  the sites' structures, one entry per site (family, config JSON, parameter keys, predicted and
+  measured latency, error, notes), the Pareto front, the explanation and planning timings;
+* ``params.safetensors`` — every fitted tensor, keyed ``"<site>/<index>"``; its SHA-256 is
+  recorded in ``plan.json`` so a corrupted or swapped file is caught on load;
+* ``report.md`` and PNG plots (Pareto front; per-head attention distance when calibration
+  statistics are given) for people — never read back.
+
+:func:`load_plan` checks schema version, completeness and the params file before returning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from attnopt.cost_model.budget import Budget
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnopt.replacements.base import FamilyConfig
+
+__all__ = ["PLAN_SCHEMA_VERSION", "Plan", "PlanEntry", "fingerprint", "load_plan"]
+
+#: Version of the ``plan.json`` layout; bump when a field's meaning changes.
+PLAN_SCHEMA_VERSION = 1
+
+PLAN_FILE = "plan.json"
+PARAMS_FILE = "params.safetensors"
+REPORT_FILE = "report.md"
+
+
+def _structures(sites) -> list[dict[str, Any]]:
+    items = sites.values() if isinstance(sites, dict) else sites
+    out = [s if isinstance(s, dict) else s.structure() for s in items]
+    return sorted(out, key=lambda d: d["name"])
+
+
+def fingerprint(sites) -> str:
+    """SHA-256 (hex, first 16 chars) of the sites' :meth:`AttentionSite.structure`, order-free.
+
+    ``sites`` is a list or dict of :class:`AttentionSite` (or of their ``structure()`` dicts).
+    """
+    text = json.dumps(_structures(sites), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PlanEntry:
+    """What one site runs.
+
+    Attributes:
+        site: site name.
+        family: family name; ``config`` that family's ``FamilyConfig.to_json()``.
+        params: fitted tensors in operator order.
+        predicted_s / measured_s: latency per call (measured is None when not timed).
+        exact_predicted_s / exact_measured_s: the same for exact attention at the site.
+        error: relative L2 error of the site output on calibration data; ``cosine`` its cosine.
+        notes: free text for reports.
+    """
+
+    site: str
+    family: str
+    config: dict[str, Any]
+    params: list[torch.Tensor] = field(default_factory=list)
+    predicted_s: float | None = None
+    measured_s: float | None = None
+    exact_predicted_s: float | None = None
+    exact_measured_s: float | None = None
+    error: float = 0.0
+    cosine: float | None = None
+    notes: str = ""
+
+    def config_object(self) -> FamilyConfig:
+        """The family's frozen config rebuilt from JSON."""
+        from attnopt.replacements.base import get_family
+
+        return get_family(self.family).config_type.from_json(self.config)
+
+    def describe(self) -> str:
+        fields = self.config.get("fields", {})
+        return " ".join(f"{k}={v}" for k, v in fields.items()) or "-"
+
+    def _json(self) -> dict[str, Any]:
+        keys = [f"{self.site}/{i}" for i in range(len(self.params))]
+        return {
+            "site": self.site,
+            "family": self.family,
+            "config": self.config,
+            "param_keys": keys,
+            "predicted_s": self.predicted_s,
+            "measured_s": self.measured_s,
+            "exact_predicted_s": self.exact_predicted_s,
+            "exact_measured_s": self.exact_measured_s,
+            "error": self.error,
+            "cosine": self.cosine,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class Plan:
+    """A complete plan; see the module docstring for the files it saves to.
+
+    Attributes:
+        entries: one :class:`PlanEntry` per site.
+        budget: the budget planned for.
+        device / target: the profile's device name and the requested target.
+        fingerprint: :func:`fingerprint` of the sites planned for; ``sites`` their structures.
+        pareto: the speed/error front as ``{"seconds", "error", "speedup"}`` dicts.
+        explanation: why the budget was not reached ("" when it was).
+        feasible: whether the speed target was met.
+        totals: ``{"exact_s", "planned_s", "speedup", "error"}``.
+        timings: seconds spent per planning step (``"profile"``, ``"errors"``, ``"solve"``, ...).
+        versions: attnopt/torch/triton versions that wrote the plan.
+    """
+
+    entries: list[PlanEntry]
+    budget: Budget
+    device: str = ""
+    target: str = ""
+    fingerprint: str = ""
+    sites: list[dict[str, Any]] = field(default_factory=list)
+    pareto: list[dict[str, float]] = field(default_factory=list)
+    explanation: str = ""
+    feasible: bool = True
+    totals: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    schema_version: int = PLAN_SCHEMA_VERSION
+
+    def entry(self, site: str) -> PlanEntry:
+        """The entry of ``site``; raises ``KeyError`` naming the planned sites."""
+        for e in self.entries:
+            if e.site == site:
+                return e
+        raise KeyError(
+            f"Expected a site planned in this plan, but got {site!r}; planned: {[e.site for e in self.entries]}."
+        )
+
+    def check_fingerprint(self, sites) -> None:
+        """Raise ``ValueError`` when ``sites`` do not have the structure this plan was made for."""
+        got = fingerprint(sites)
+        if got == self.fingerprint:
+            return
+        mine = {d["name"]: d for d in self.sites}
+        theirs = {d["name"]: d for d in _structures(sites)}
+        diffs = [f"missing site {n}" for n in sorted(set(mine) - set(theirs))]
+        diffs += [f"new site {n}" for n in sorted(set(theirs) - set(mine))]
+        for n in sorted(set(mine) & set(theirs)):
+            changed = [k for k in mine[n] if mine[n].get(k) != theirs[n].get(k)]
+            if changed:
+                diffs.append(
+                    f"{n}: " + ", ".join(f"{k} {mine[n][k]!r}->{theirs[n].get(k)!r}" for k in changed)
+                )
+        raise ValueError(
+            f"Expected a model with attention fingerprint {self.fingerprint}, but got {got} "
+            f"({'; '.join(diffs[:5]) or 'structures differ'}). Re-plan for this model with attnopt.plan()."
+        )
+
+    def summary(self) -> str:
+        """Markdown table: site, family, config, predicted and measured latency, error."""
+        lines = [
+            "| site | family | config | predicted ms | measured ms | exact ms | rel error |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in self.entries:
+            exact = e.exact_measured_s if e.exact_measured_s is not None else e.exact_predicted_s
+            lines.append(
+                f"| {e.site} | {e.family} | {e.describe()} | {_ms(e.predicted_s)} | {_ms(e.measured_s)} | "
+                f"{_ms(exact)} | {e.error:.3g} |"
+            )
+        t = self.totals
+        if t:
+            lines.append(
+                f"\nTotal: {_ms(t.get('planned_s'))} ms vs exact {_ms(t.get('exact_s'))} ms "
+                f"({t.get('speedup', 1.0):.2f}x), summed error {t.get('error', 0.0):.3g}; "
+                f"budget {self.budget.describe()}."
+            )
+        if self.explanation:
+            lines.append(self.explanation)
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``plan.json`` content without the params file's hash."""
+        return {
+            "schema_version": self.schema_version,
+            "versions": self.versions,
+            "device": self.device,
+            "target": self.target,
+            "budget": self.budget.to_json(),
+            "fingerprint": self.fingerprint,
+            "sites": self.sites,
+            "entries": [e._json() for e in self.entries],
+            "pareto": self.pareto,
+            "explanation": self.explanation,
+            "feasible": self.feasible,
+            "totals": self.totals,
+            "timings": self.timings,
+        }
+
+    def save(
+        self, directory: str | os.PathLike, *, stats=None, sources: dict[str, str] | None = None
+    ) -> pathlib.Path:
+        """Write the plan directory (see the module docstring) and return its path.
+
+        Args:
+            stats: optional ``{site: SiteStats}``; adds the attention-distance heatmap.
+            sources: optional ``{file name: text}`` (generated kernel sources) written under ``kernels/``.
+        """
+        from safetensors.torch import save_file
+
+        from attnopt.cost_model.report import write_report
+
+        d = pathlib.Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"{e.site}/{i}": p.detach().to("cpu").contiguous()
+            for e in self.entries
+            for i, p in enumerate(e.params)
+        }
+        save_file(tensors, str(d / PARAMS_FILE), metadata={"format": "attnopt-plan-params"})
+        data = self.to_json()
+        data["files"] = {"params": PARAMS_FILE, "params_sha256": _sha256(d / PARAMS_FILE)}
+        tmp = d / (PLAN_FILE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default))
+        tmp.replace(d / PLAN_FILE)
+        for name, text in (sources or {}).items():
+            path = d / "kernels" / pathlib.Path(name).name
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+        write_report(self, d, stats=stats)
+        return d
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"Expected JSON data in a plan, but got {type(obj).__name__}.")
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_REQUIRED = ("schema_version", "budget", "fingerprint", "entries", "files")
+_REQUIRED_ENTRY = ("site", "family", "config", "param_keys", "error")
+
+
+def load_plan(directory: str | os.PathLike) -> Plan:
+    """Read a plan directory written by :meth:`Plan.save`.
+
+    Raises:
+        FileNotFoundError: ``plan.json`` or ``params.safetensors`` missing (named in the message).
+        ValueError: a newer schema, invalid/truncated JSON, missing fields, or a params file that
+            does not match the hash recorded in ``plan.json`` or lacks a tensor an entry names.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = pathlib.Path(directory)
+    plan_path = d / PLAN_FILE
+    if not plan_path.is_file():
+        raise FileNotFoundError(
+            f"Expected a plan file at {plan_path}, but it does not exist. Save a plan with Plan.save()."
+        )
+    try:
+        data = json.loads(plan_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"Expected valid JSON in {plan_path}, but it is corrupted or truncated ({e}). Re-save the plan."
+        ) from e
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"Expected a JSON object in {plan_path}, but got {type(data).__name__}. Re-save the plan."
+        )
+    version = data.get("schema_version")
+    if not isinstance(version, int):
+        raise ValueError(
+            f"Expected an integer schema_version in {plan_path}, but got {version!r}. Re-save the plan."
+        )
+    if version > PLAN_SCHEMA_VERSION:
+        written = data.get("versions", {}).get("attnopt", "a newer attnopt")
+        raise ValueError(
+            f"Expected plan schema version <= {PLAN_SCHEMA_VERSION}, but {plan_path} has version {version} "
+            f"(written by attnopt {written}). Upgrade attnopt to load this plan."
+        )
+    missing = [k for k in _REQUIRED if k not in data]
+    missing += [
+        f"entries[{i}].{k}"
+        for i, e in enumerate(data.get("entries", []))
+        for k in _REQUIRED_ENTRY
+        if k not in e
+    ]
+    if missing:
+        raise ValueError(
+            f"Expected a complete plan in {plan_path}, but it lacks {missing}. Re-save the plan."
+        )
+    params_path = d / data["files"].get("params", PARAMS_FILE)
+    if not params_path.is_file():
+        raise FileNotFoundError(
+            f"Expected the plan's tensors at {params_path}, but the file is missing. Re-save the plan."
+        )
+    if _sha256(params_path) != data["files"].get("params_sha256"):
+        raise ValueError(
+            f"Expected {params_path} to match the SHA-256 recorded in {plan_path}, but it differs "
+            "(corrupted or from another plan). Re-save the plan."
+        )
+    try:
+        tensors = load_file(str(params_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"Expected a readable safetensors file at {params_path}, but got: {e}. Re-save the plan."
+        ) from e
+    entries = []
+    for e in data["entries"]:
+        absent = [k for k in e["param_keys"] if k not in tensors]
+        if absent:
+            raise ValueError(
+                f"Expected tensors {absent} in {params_path}, but they are missing. Re-save the plan."
+            )
+        fields = {k: e.get(k) for k in PlanEntry.__dataclass_fields__ if k not in ("params",) and k in e}
+        entries.append(PlanEntry(params=[tensors[k] for k in e["param_keys"]], **fields))
+    return Plan(
+        entries=entries,
+        budget=Budget.from_json(data["budget"]),
+        device=data.get("device", ""),
+        target=data.get("target", ""),
+        fingerprint=data["fingerprint"],
+        sites=data.get("sites", []),
+        pareto=data.get("pareto", []),
+        explanation=data.get("explanation", ""),
+        feasible=data.get("feasible", True),
+        totals=data.get("totals", {}),
+        timings=data.get("timings", {}),
+        versions=data.get("versions", {}),
+        schema_version=version,
+    )

@@ -1,0 +1,218 @@
+"""From sites and their candidates to a :class:`~attnopt.cost_model.plan.Plan`, step by named step.
+
+``make_plan`` is the cost model's pipeline: profile → errors → latencies → solve → Pareto front
+→ plan. Each step's wall time is recorded in ``Plan.timings``. Candidates are scored, never
+inspected: the solver sees only :class:`~attnopt.cost_model.planner.Option` numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from attnopt.cost_model.budget import Budget, parse_budget
+from attnopt.cost_model.device import DeviceProfile, get_profile, versions
+from attnopt.cost_model.error import measure_candidate_error
+from attnopt.cost_model.latency import measure_latency, predict_latency
+from attnopt.cost_model.plan import Plan, PlanEntry, fingerprint
+from attnopt.cost_model.planner import Assignment, Option, pareto_front, solve_assignment
+from attnopt.replacements.base import Candidate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnopt.calibration.stats import SiteStats
+    from attnopt.patterns.site import AttentionSite
+
+__all__ = ["build_options", "make_plan"]
+
+log = logging.getLogger(__name__)
+
+
+def _exact_candidate(site: AttentionSite) -> Candidate:
+    from attnopt.replacements.exact import ExactFamily
+
+    return ExactFamily().candidates(site, None)[0]
+
+
+def _metric_error(budget: Budget, rel: float, cos: float | None) -> float:
+    if budget.metric == "cosine":
+        return 1.0 - cos if cos is not None else math.inf
+    return rel  # "perplexity" is validated end to end; per site the relative error is its proxy
+
+
+def _timing_inputs(site: AttentionSite, stats: SiteStats | None):
+    if stats is not None and stats.q:
+        return stats.q[0], stats.k[0], stats.v[0], stats.attn_mask[0]
+    shape_q = (site.batch, site.num_heads, site.q_len, site.head_dim)
+    shape_k = (site.batch, site.num_kv_heads, site.kv_len, site.head_dim)
+    shape_v = (site.batch, site.num_kv_heads, site.kv_len, site.head_dim_v)
+    return torch.randn(shape_q), torch.randn(shape_k), torch.randn(shape_v), None
+
+
+def build_options(
+    sites: Mapping[str, AttentionSite],
+    candidates: Mapping[str, list[Candidate]],
+    budget: Budget,
+    profile: DeviceProfile,
+    *,
+    stats: Mapping[str, SiteStats] | None = None,
+    measure: bool = False,
+    timings: dict[str, float] | None = None,
+) -> dict[str, list[Option]]:
+    """Score every candidate: error on calibration samples, predicted (and measured) latency.
+
+    A candidate whose error cannot be measured (no stats and no pre-filled error, or a failing
+    kernel) gets an infinite error and is therefore never chosen; exact is added where missing.
+    """
+    timings = timings if timings is not None else {}
+    options: dict[str, list[Option]] = {}
+    for name, site in sites.items():
+        cands = list(candidates.get(name, [])) if site.rewritable else []
+        if not any(c.family == "exact" for c in cands):
+            cands.insert(0, _exact_candidate(site))
+        st = (stats or {}).get(name)
+        site_opts = []
+        for cand in cands:
+            t0 = time.perf_counter()
+            rel, cos = (0.0, 1.0) if cand.family == "exact" else (cand.error, None)
+            if cand.family != "exact" and st is not None and st.q:
+                try:
+                    rel, cos = measure_candidate_error(site, cand, st)
+                except Exception as e:  # noqa: BLE001  (a broken candidate is skipped, with its reason)
+                    log.warning("attnopt: %s at %s failed on calibration data: %s", cand.label, name, e)
+                    rel, cos = math.inf, None
+                    cand.notes = (cand.notes + f"; failed: {e}").lstrip("; ")
+            rel = math.inf if rel is None else rel
+            cand.error = rel
+            t1 = time.perf_counter()
+            predicted = predict_latency(site, cand, profile)
+            measured = None
+            if measure and math.isfinite(rel):
+                q, k, v, mask = _timing_inputs(site, st)
+                try:
+                    measured = measure_latency(site, cand, q, k, v, mask)
+                except NotImplementedError as e:
+                    log.info("attnopt: not timing %s at %s: %s", cand.label, name, e)
+            t2 = time.perf_counter()
+            timings["errors"] = timings.get("errors", 0.0) + (t1 - t0)
+            timings["latency"] = timings.get("latency", 0.0) + (t2 - t1)
+            seconds = measured if measured is not None else predicted
+            error = _metric_error(budget, rel, cos)
+            site_opts.append(
+                Option(name, cand, seconds, error, predicted=predicted, measured=measured, cosine=cos)
+            )
+        options[name] = site_opts
+    return options
+
+
+def _entry(site: AttentionSite, opt: Option, exact: Option) -> PlanEntry:
+    return PlanEntry(
+        site=site.name,
+        family=opt.family,
+        config=opt.candidate.config.to_json(),
+        params=list(opt.candidate.params),
+        predicted_s=opt.predicted,
+        measured_s=opt.measured,
+        exact_predicted_s=exact.predicted,
+        exact_measured_s=exact.measured,
+        error=opt.candidate.error or 0.0,
+        cosine=opt.cosine,
+        notes=opt.candidate.notes,
+    )
+
+
+def _front_points(front: list[Assignment]) -> list[dict[str, float]]:
+    return [{"seconds": a.seconds, "error": a.error, "speedup": a.speedup} for a in front]
+
+
+def make_plan(
+    sites: Iterable[AttentionSite] | Mapping[str, AttentionSite],
+    candidates: Mapping[str, list[Candidate]],
+    budget: str | float | Budget | None,
+    *,
+    stats: Mapping[str, SiteStats] | None = None,
+    profile: DeviceProfile | str | None = None,
+    measure: bool = False,
+    other_seconds: float = 0.0,
+    max_total_error: float | None = None,
+    families: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    pin: Mapping[str, str] | None = None,
+    with_pareto: bool = True,
+) -> Plan:
+    """Plan every site under ``budget``.
+
+    Args:
+        sites: the model's attention sites (list or name → site).
+        candidates: site name → candidates from the families (exact is added where missing).
+        budget: anything :func:`~attnopt.cost_model.budget.parse_budget` accepts.
+        stats: site name → calibration stats; errors are measured on them (else taken from
+            ``Candidate.error``; a candidate with no error is never chosen).
+        profile: a :class:`DeviceProfile` or target name for :func:`get_profile` (None = local).
+        measure: also time every candidate on the site's shape and plan with measured times.
+        other_seconds: non-attention time per forward (for ``scope="model"``).
+        max_total_error, families, exclude, pin: see :func:`~attnopt.cost_model.planner.solve_assignment`.
+        with_pareto: also compute the Pareto front (one extra MILP per point).
+
+    Returns:
+        The :class:`Plan`; ``plan.explanation`` says why when the speed target is unreachable.
+    """
+    budget = parse_budget(budget)
+    site_map = dict(sites) if isinstance(sites, Mapping) else {s.name: s for s in sites}
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prof = profile if isinstance(profile, DeviceProfile) else get_profile(profile)
+    timings["profile"] = time.perf_counter() - t0
+    options = build_options(site_map, candidates, budget, prof, stats=stats, measure=measure, timings=timings)
+    if budget.scope == "model" and other_seconds == 0.0:
+        log.info("attnopt: scope='model' without other_seconds plans attention time only")
+    t1 = time.perf_counter()
+    best = solve_assignment(
+        options,
+        budget,
+        other_seconds=other_seconds,
+        max_total_error=max_total_error,
+        families=families,
+        exclude=exclude,
+        pin=pin,
+    )
+    timings["solve"] = time.perf_counter() - t1
+    front: list[Assignment] = []
+    if with_pareto:
+        t2 = time.perf_counter()
+        front = pareto_front(
+            options,
+            max_error=budget.tolerance,
+            other_seconds=other_seconds,
+            families=families,
+            exclude=exclude,
+            pin=pin,
+        )
+        timings["pareto"] = time.perf_counter() - t2
+    entries = []
+    for name, site in site_map.items():
+        exact = next(o for o in options[name] if o.family == "exact")
+        entries.append(_entry(site, best.choice.get(name, exact), exact))
+    return Plan(
+        entries=entries,
+        budget=budget,
+        device=prof.name,
+        target=prof.target,
+        fingerprint=fingerprint(list(site_map.values())),
+        sites=[s.structure() for s in site_map.values()],
+        pareto=_front_points(front),
+        explanation=best.explanation,
+        feasible=best.feasible,
+        totals={
+            "exact_s": best.exact_seconds,
+            "planned_s": best.seconds,
+            "speedup": best.speedup,
+            "error": best.error,
+        },
+        timings=timings,
+        versions=versions(),
+    )

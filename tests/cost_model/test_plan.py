@@ -1,0 +1,185 @@
+"""Plans: save/load round trip, fingerprints, corrupted or partial files, newer schemas, make_plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnopt.cost_model import SEED_PROFILES, Budget, load_plan, make_plan, make_site, make_stats
+from attnopt.cost_model.plan import PLAN_SCHEMA_VERSION, Plan, PlanEntry, fingerprint
+from attnopt.replacements.base import Candidate
+from attnopt.replacements.exact import ExactConfig, dense_cost
+
+
+def _sites(n: int = 3, heads: int = 4, seq: int = 256, head_dim: int = 32):
+    return [
+        make_site(f"model.layers.{i}.self_attn#0", heads=heads, seq=seq, head_dim=head_dim) for i in range(n)
+    ]
+
+
+def _plan(sites) -> Plan:
+    entries = [
+        PlanEntry(
+            site=sites[0].name,
+            family="quantized",
+            config={"family": "quantized", "version": 1, "fields": {"qk_format": "int8", "q_block": 128}},
+            params=[torch.randn(4, 32, 8), torch.randint(-128, 127, (16,), dtype=torch.int8)],
+            predicted_s=1e-3,
+            measured_s=1.2e-3,
+            exact_predicted_s=2e-3,
+            error=0.011,
+            cosine=0.9999,
+            notes="int8 qk",
+        )
+    ] + [
+        PlanEntry(site=s.name, family="exact", config=ExactConfig().to_json(), predicted_s=2e-3)
+        for s in sites[1:]
+    ]
+    return Plan(
+        entries=entries,
+        budget=Budget(speedup=1.5, max_error=0.02),
+        device="test-device",
+        target="h100",
+        fingerprint=fingerprint(sites),
+        sites=[s.structure() for s in sites],
+        pareto=[
+            {"seconds": 6e-3, "error": 0.0, "speedup": 1.0},
+            {"seconds": 5e-3, "error": 0.011, "speedup": 1.2},
+        ],
+        totals={"exact_s": 6e-3, "planned_s": 5e-3, "speedup": 1.2, "error": 0.011},
+        timings={"solve": 0.01},
+        versions={"attnopt": "0.1.0"},
+    )
+
+
+def test_round_trip(tmp_path):
+    sites = _sites()
+    plan = _plan(sites)
+    stats = {s.name: make_stats(s, num_samples=1) for s in sites}
+    plan.save(tmp_path, stats=stats, sources={"site0.py": "# triton source"})
+    for name in ("plan.json", "params.safetensors", "report.md", "pareto.png", "attention_distance.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "kernels" / "site0.py").read_text() == "# triton source"
+    loaded = load_plan(tmp_path)
+    assert loaded.to_json() == plan.to_json()
+    for a, b in zip(loaded.entries, plan.entries):
+        assert len(a.params) == len(b.params)
+        for x, y in zip(a.params, b.params):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+    loaded.check_fingerprint(sites)
+    loaded.check_fingerprint({s.name: s for s in reversed(sites)})  # order does not matter
+    assert "quantized" in loaded.summary() and "int8" in (tmp_path / "report.md").read_text()
+
+
+def test_fingerprint_mismatch_names_the_difference(tmp_path):
+    sites = _sites()
+    _plan(sites).save(tmp_path)
+    plan = load_plan(tmp_path)
+    other = _sites(heads=8)
+    with pytest.raises(ValueError, match=r"num_heads 4->8"):
+        plan.check_fingerprint(other)
+    with pytest.raises(ValueError, match="missing site model.layers.2"):
+        plan.check_fingerprint(sites[:2])
+    assert fingerprint(sites) != fingerprint(other)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    _plan(_sites()).save(tmp_path)
+    data = json.loads((tmp_path / "plan.json").read_text())
+    data["schema_version"] = PLAN_SCHEMA_VERSION + 1
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="Upgrade attnopt"):
+        load_plan(tmp_path)
+
+
+def test_truncated_plan_json(tmp_path):
+    _plan(_sites()).save(tmp_path)
+    text = (tmp_path / "plan.json").read_text()
+    (tmp_path / "plan.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"plan\.json.*corrupted or truncated"):
+        load_plan(tmp_path)
+
+
+def test_partial_plan_json(tmp_path):
+    _plan(_sites()).save(tmp_path)
+    data = json.loads((tmp_path / "plan.json").read_text())
+    del data["entries"][1]["family"]
+    del data["fingerprint"]
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"lacks \['fingerprint', 'entries\[1\]\.family'\]"):
+        load_plan(tmp_path)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="plan.json"):
+        load_plan(tmp_path)
+    _plan(_sites()).save(tmp_path)
+    (tmp_path / "params.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="params.safetensors"):
+        load_plan(tmp_path)
+
+
+def test_corrupt_params(tmp_path):
+    _plan(_sites()).save(tmp_path)
+    path = tmp_path / "params.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"params\.safetensors.*SHA-256"):
+        load_plan(tmp_path)
+    path.write_bytes(bytes(raw[:20]))
+    with pytest.raises(ValueError, match="params.safetensors"):
+        load_plan(tmp_path)
+
+
+def test_unreadable_params_with_matching_hash(tmp_path):
+    """A params file that is not safetensors at all, even with its hash recorded, is named."""
+    _plan(_sites()).save(tmp_path)
+    (tmp_path / "params.safetensors").write_bytes(b"not a safetensors file")
+    data = json.loads((tmp_path / "plan.json").read_text())
+    import hashlib
+
+    data["files"]["params_sha256"] = hashlib.sha256(b"not a safetensors file").hexdigest()
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="readable safetensors file"):
+        load_plan(tmp_path)
+
+
+def _candidates(sites, density: float, error: float):
+    out = {}
+    for s in sites:
+        cost = dense_cost(s, density=density)
+        out[s.name] = [
+            Candidate(site=s.name, family="quantized", config=ExactConfig(), cost=cost, error=error)
+        ]
+    return out
+
+
+def test_make_plan_from_prefilled_errors(tmp_path):
+    sites = _sites(4, heads=32, seq=8192, head_dim=128)  # predicted only: H100 seed profile
+    cands = _candidates(sites, density=0.15, error=0.01)
+    plan = make_plan(sites, cands, "2x", profile=SEED_PROFILES["h100"], exclude=["model.layers.0.*"])
+    assert plan.feasible and plan.explanation == ""
+    fams = [e.family for e in plan.entries]
+    assert fams[0] == "exact" and fams.count("quantized") >= 2
+    assert plan.totals["speedup"] >= 2.0 * (1 - 1e-5)  # HiGHS honours bounds to ~1e-6 relative
+    assert len(plan.pareto) >= 2 and plan.pareto[0]["error"] == 0.0
+    assert set(plan.timings) >= {"profile", "solve", "pareto", "latency"}
+    plan.save(tmp_path)
+    assert load_plan(tmp_path).totals == plan.totals
+
+    strict = make_plan(sites, cands, Budget(speedup=2.0, max_error=0.005), profile=SEED_PROFILES["h100"])
+    assert not strict.feasible and all(e.family == "exact" for e in strict.entries)
+    assert strict.explanation.startswith("2x needs 50% of attention time removed")
+
+    exact = make_plan(sites, cands, "1x", profile=SEED_PROFILES["h100"])
+    assert all(e.family == "exact" for e in exact.entries) and exact.totals["speedup"] == 1.0
+
+
+def test_make_plan_never_chooses_unmeasured_candidates():
+    sites = _sites(2)
+    cands = _candidates(sites, density=0.1, error=None)
+    plan = make_plan(sites, cands, Budget(max_error=0.5), profile=SEED_PROFILES["a100"], with_pareto=False)
+    assert all(e.family == "exact" for e in plan.entries)
