@@ -9,6 +9,7 @@ trying a plan end to end needs no recompilation: operator overrides stand in for
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import time
@@ -163,7 +164,7 @@ def run_plan(
     families: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     target: str | None = None,
-    measure: bool = False,
+    measure: bool | str | None = None,
     validate: bool = True,
     calibration: CalibrationConfig | None = None,
     progress: bool = True,
@@ -177,6 +178,13 @@ def run_plan(
     parsed = parse_budget(budget)
     fams = _validate_families(families)
     calls = normalise_calib(calib)
+    if measure is None:
+        # Planning for this machine: time the candidates the solver may pick (predictions
+        # alone can be off for a kernel on a given CPU); for another target, predict.
+        measure = "auto" if target is None else False
+    if calls and parsed.metric == "output_rel_error" and parsed.max_error is None and "labels" in calls[0][1]:
+        # A causal LM given labels is judged by its loss (perplexity increase), as documented.
+        parsed = dataclasses.replace(parsed, metric="perplexity")
     if not calls:
         raise ValueError(
             "Expected at least one calibration example in calib=, but got none. Pass calib=[example_call, ...] "

@@ -61,7 +61,7 @@ def median_time(
             f"Expected repeats >= 1 and warmup >= 0, but got repeats={repeats}, warmup={warmup}."
         )
     now = clock(device)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: kernels may cache tensors that later calls update
         for _ in range(warmup):
             fn()
         synchronize(device)

@@ -60,7 +60,7 @@ def build_options(
     profile: DeviceProfile,
     *,
     stats: Mapping[str, SiteStats] | None = None,
-    measure: bool = False,
+    measure: bool | str = False,
     timings: dict[str, float] | None = None,
 ) -> dict[str, list[Option]]:
     """Score every candidate: error on calibration samples, predicted (and measured) latency.
@@ -70,6 +70,9 @@ def build_options(
     """
     timings = timings if timings is not None else {}
     options: dict[str, list[Option]] = {}
+    from attnopt.cost_model.planner import site_error_bound
+
+    bound = site_error_bound(budget)
     for name, site in sites.items():
         cands = list(candidates.get(name, [])) if site.rewritable else []
         if not any(c.family == "exact" for c in cands):
@@ -91,7 +94,8 @@ def build_options(
             t1 = time.perf_counter()
             predicted = predict_latency(site, cand, profile)
             measured = None
-            if measure and math.isfinite(rel):
+            worth_timing = math.isfinite(rel) and (measure is True or (measure == "auto" and rel <= bound))
+            if worth_timing:
                 q, k, v, mask = _timing_inputs(site, st)
                 try:
                     measured = measure_latency(site, cand, q, k, v, mask)
@@ -136,7 +140,7 @@ def make_plan(
     *,
     stats: Mapping[str, SiteStats] | None = None,
     profile: DeviceProfile | str | None = None,
-    measure: bool = False,
+    measure: bool | str = False,
     other_seconds: float = 0.0,
     max_total_error: float | None = None,
     families: Iterable[str] | None = None,
@@ -153,7 +157,9 @@ def make_plan(
         stats: site name → calibration stats; errors are measured on them (else taken from
             ``Candidate.error``; a candidate with no error is never chosen).
         profile: a :class:`DeviceProfile` or target name for :func:`get_profile` (None = local).
-        measure: also time every candidate on the site's shape and plan with measured times.
+        measure: ``True`` times every candidate on the site's shape and plans with measured
+            times; ``"auto"`` times only the candidates within the per-site error bound (the
+            only ones the solver may pick); ``False`` plans with predictions alone.
         other_seconds: non-attention time per forward (for ``scope="model"``).
         max_total_error, families, exclude, pin: see :func:`~attnopt.cost_model.planner.solve_assignment`.
         with_pareto: also compute the Pareto front (one extra MILP per point).
