@@ -122,6 +122,9 @@ class Plan:
         totals: ``{"exact_s", "planned_s", "speedup", "error"}``.
         timings: seconds spent per planning step (``"profile"``, ``"errors"``, ``"solve"``, ...).
         versions: attnopt/torch/triton versions that wrote the plan.
+        parts: module paths the plan is installed on ('' = the whole model; several when the
+            model could only be captured by parts).
+        steps: what end-to-end validation did (each tightening step, then the validated error).
     """
 
     entries: list[PlanEntry]
@@ -136,6 +139,8 @@ class Plan:
     totals: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    parts: list[str] = field(default_factory=lambda: [""])
+    steps: list[str] = field(default_factory=list)
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def entry(self, site: str) -> PlanEntry:
@@ -188,6 +193,11 @@ class Plan:
             )
         if self.explanation:
             lines.append(self.explanation)
+        lines.extend(self.steps)
+        if self.timings:
+            total = sum(self.timings.values())
+            spent = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
+            lines.append(f"Planning took {total:.1f}s: {spent}.")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -206,6 +216,8 @@ class Plan:
             "feasible": self.feasible,
             "totals": self.totals,
             "timings": self.timings,
+            "parts": self.parts,
+            "steps": self.steps,
         }
 
     def save(
@@ -351,5 +363,7 @@ def load_plan(directory: str | os.PathLike) -> Plan:
         totals=data.get("totals", {}),
         timings=data.get("timings", {}),
         versions=data.get("versions", {}),
+        parts=data.get("parts", [""]),
+        steps=data.get("steps", []),
         schema_version=version,
     )
