@@ -17,7 +17,7 @@ import torch
 from attnopt.patterns.context import GraphContext
 from attnopt.patterns.find import assign_names, find_sites_in_graph, prefix_sites
 from attnopt.patterns.site import AttentionSite
-from attnopt.rewriter.capture import CAPTURE_METHODS, CapturedPart, capture_parts
+from attnopt.rewriter.capture import CAPTURE_METHODS, CapturedPart, CaptureError, capture, capture_parts
 
 __all__ = ["find_sites", "optimize", "plan", "apply", "load_plan", "backend", "as_call", "capture_sites"]
 
@@ -47,12 +47,35 @@ def as_call(example: Any) -> tuple[tuple, dict]:
 def capture_sites(
     model: torch.nn.Module, args: tuple, kwargs: dict, methods: Sequence[str] = CAPTURE_METHODS
 ) -> tuple[list[CapturedPart], list[AttentionSite]]:
-    """Capture ``model(*args, **kwargs)`` (whole, or by parts) and find its attention sites.
+    """Capture ``model(*args, **kwargs)`` and find its attention sites.
 
+    torch.export is tried on the whole model, then on its parts (the layers of a model whose
+    top-level ``forward`` cannot be exported); only if that finds nothing do dynamo and
+    symbolic_trace get the whole model. (Dynamo always "succeeds", but it silently runs frames
+    it skips — e.g. ``torch.nn`` layers after a graph break — without giving their graphs.)
     Site names are module paths from the model's root, unique per model.
     """
     _check_runs(model, args, kwargs)
-    parts = capture_parts(model, args, kwargs, methods)
+    errors: list[str] = []
+    parts: list[CapturedPart] = []
+    if "export" in methods:
+        try:
+            parts = capture_parts(model, args, kwargs, ("export",))
+        except CaptureError as e:
+            errors.append(str(e))
+    sites = _find_in_parts(parts)
+    rest = tuple(m for m in methods if m != "export")
+    if not sites and rest:
+        try:
+            parts = [CapturedPart("", model, capture(model, args, kwargs, rest))]
+            sites = _find_in_parts(parts)
+        except CaptureError as e:
+            if not parts:
+                raise CaptureError("\n".join(errors + [str(e)])) from e
+    return parts, sites
+
+
+def _find_in_parts(parts: list[CapturedPart]) -> list[AttentionSite]:
     sites: list[AttentionSite] = []
     for part in parts:
         for gm, flat in part.captured.graphs:
@@ -60,7 +83,7 @@ def capture_sites(
             prefix_sites(found, part.path)
             sites.extend(found)
     assign_names(sites)
-    return parts, sites
+    return sites
 
 
 def _check_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:

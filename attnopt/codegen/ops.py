@@ -148,7 +148,7 @@ def parse_config(config: str) -> dict[str, Any]:
 
 
 # Static masks depend only on shapes, so their kind at a shape never changes: check once.
-_STATIC_MASK_KINDS: dict[tuple[str, tuple[int, ...], str], tuple[str, int | None]] = {}
+_STATIC_MASK_KINDS: dict[tuple[object, tuple[int, ...], str], tuple[str, int | None]] = {}
 
 
 def _resolve_mask(
@@ -159,7 +159,10 @@ def _resolve_mask(
     if attn_mask is None:
         return None, is_causal, window
     if config.get("mask_static", False):
-        key = (config.get("site", ""), tuple(attn_mask.shape) + (q_len, kv_len), str(attn_mask.device))
+        # rewrite_id is unique per rewritten site (see attnopt.rewriter.rewrite); without it the
+        # whole config string keys the cache, never the site name alone.
+        ident = config.get("rewrite_id", json.dumps(config, sort_keys=True))
+        key = (ident, tuple(attn_mask.shape) + (q_len, kv_len), str(attn_mask.device))
         kind = _STATIC_MASK_KINDS.get(key)
         if kind is None:
             allowed = additive_to_allowed(attn_mask)

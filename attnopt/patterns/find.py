@@ -137,23 +137,15 @@ def _classify_mask(ctx: GraphContext, m: SiteMatch) -> tuple[str, int | None, bo
     if not m.mask_terms:
         return ("causal" if m.is_causal else "none"), None, True, m.is_causal, None
     static = not any(ctx.depends_on_input_values(t.node) for t in m.mask_terms)
-    allowed = None
+    allowed, bias = None, False
     for t in m.mask_terms:
         val = ctx.value(t.node)
         if not isinstance(val, torch.Tensor):
             return "tensor", None, False, m.is_causal, None
         if t.kind == "add":
             a = additive_to_allowed(val)
-            if a is None:
-                return (
-                    "bias",
-                    None,
-                    static,
-                    m.is_causal,
-                    (
-                        "scores carry an additive bias (e.g. relative position or ALiBi) that no variant reproduces yet"
-                    ),
-                )
+            if a is None:  # a real bias: what it masks out (-inf entries) still tells causality
+                bias, a = True, val > -1.0e3
         elif t.kind == "keep":
             a = val.bool()
         elif t.kind == "add_keys":
@@ -164,6 +156,8 @@ def _classify_mask(ctx: GraphContext, m: SiteMatch) -> tuple[str, int | None, bo
             a = ~val.bool()
         a = _as_4d(a, m)
         allowed = a if allowed is None else (allowed & a)
+    if bias:
+        return "bias", None, static, m.is_causal or _causal_under(allowed, m), _BIAS_REASON
     if m.is_causal:
         allowed = allowed & causal_allowed(m.q_len, m.kv_len, allowed.device)
     kind, window = classify_allowed(allowed)
@@ -175,6 +169,22 @@ def _classify_mask(ctx: GraphContext, m: SiteMatch) -> tuple[str, int | None, bo
     if not static and kind == "none":
         kind = "padding"
     return kind, window, static, causal, None
+
+
+_BIAS_REASON = (
+    "scores carry an additive bias (e.g. relative position or ALiBi) that no variant reproduces yet"
+)
+
+
+def _causal_under(allowed: torch.Tensor, m: SiteMatch) -> bool:
+    """Whether a mask pattern (e.g. the -inf part of a bias) is causal, alone or with padding."""
+    a = _as_4d(allowed, m)
+    kind, _ = classify_allowed(a)
+    if kind in ("causal", "sliding_window"):
+        return True
+    return (
+        kind != "none" and m.q_len > 1 and not bool((a & ~causal_allowed(m.q_len, m.kv_len, a.device)).any())
+    )
 
 
 def _as_4d(a: torch.Tensor, m: SiteMatch) -> torch.Tensor:

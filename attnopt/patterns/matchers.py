@@ -30,6 +30,7 @@ from attnopt.patterns.walk import (
     dropout_prob,
     fold_repeat_kv,
     fold_scalar_scale,
+    prescale_under_layout,
     strip_identity,
     strip_transpose_last2,
 )
@@ -86,6 +87,9 @@ class SiteMatch:
     dropout: float = 0.0
     unsupported: str | None = None
     internal: set = field(default_factory=set)
+    #: the factor the operator applies to the q/k it receives; differs from ``scale`` when q or
+    #: k was scaled before its head view (Whisper). None means ``scale``.
+    op_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,7 @@ def _sdpa_site(pattern, ctx, anchor, output, q, k, v, mask, dropout, is_causal, 
         return _skip(anchor, "SDPA inputs are not 4-D with known shapes")
     qs, ks, vs = facts
     d = qs[-1]
+    op_scale = float(scale) if scale is not None else d**-0.5
     m = SiteMatch(
         pattern=pattern,
         anchor=anchor,
@@ -171,7 +176,8 @@ def _sdpa_site(pattern, ctx, anchor, output, q, k, v, mask, dropout, is_causal, 
         q=q,
         k=k_base,
         v=v_base,
-        scale=float(scale) if scale is not None else d**-0.5,
+        scale=op_scale * prescale_under_layout(q, ctx.gm) * prescale_under_layout(k_base, ctx.gm),
+        op_scale=op_scale,
         num_heads=qs[1],
         num_kv_heads=ks[1],
         head_dim=d,
@@ -222,7 +228,12 @@ def _const_scalar(x: Any, ctx: GraphContext) -> float | None:
         val = ctx.value(x)
         if isinstance(val, (int, float)) and not isinstance(val, bool):
             return float(val)
-        if val is not None and hasattr(val, "numel") and val.numel() == 1 and not ctx.depends_on_input_values(x):
+        if (
+            val is not None
+            and hasattr(val, "numel")
+            and val.numel() == 1
+            and not ctx.depends_on_input_values(x)
+        ):
             return float(val.reshape(()))
     return None
 
@@ -405,6 +416,7 @@ def _matmul_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: O
     k_t, k_is_t = strip_transpose_last2(b, ctx.gm)
     k_pre, k_scale = fold_scalar_scale(k_t, ctx.gm) if k_is_t else (k_t, 1.0)
     scale = scores.scale * q_scale * k_scale
+    hidden = prescale_under_layout(q, ctx.gm) * (prescale_under_layout(k_pre, ctx.gm) if k_is_t else 1.0)
     qs, vs = node_shape(q), node_shape(v)
     if qs is None or vs is None or len(qs) not in (3, 4):
         return _skip(anchor, "Q·Kᵀ operands are not 3-D or 4-D")
@@ -422,7 +434,8 @@ def _matmul_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: O
             q=q,
             k=k_base,
             v=v_base,
-            scale=scale,
+            scale=scale * hidden,
+            op_scale=scale,
             num_heads=qs[1],
             num_kv_heads=ks[1],
             head_dim=qs[3],
@@ -447,7 +460,8 @@ def _matmul_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: O
         q=q,
         k=k_pre,
         v=v,
-        scale=scale,
+        scale=scale * hidden,
+        op_scale=scale,
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=d,

@@ -15,6 +15,7 @@ from attnopt.patterns.canon import canon, module_path_of, node_shape, scalar_val
 from attnopt.patterns.context import GraphContext
 
 __all__ = [
+    "prescale_under_layout",
     "strip_identity",
     "strip_transpose_last2",
     "fold_repeat_kv",
@@ -102,6 +103,37 @@ def fold_scalar_scale(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any,
             return node, scale
         scale = scale * c if op.kind == "mul" else scale / c
         node = a
+
+
+_LAYOUT_KINDS = ("identity", "transpose", "permute", "reshape", "t")
+
+
+def prescale_under_layout(node: Any, gm: fx.GraphModule | None = None, max_steps: int = 12) -> float:
+    """Scalar factor applied to q (or k) *before* its view/transpose into heads.
+
+    Whisper writes ``(q_proj(x) * d**-0.5).view(...).transpose(...)`` and then attention with
+    scale 1; the site's softmax scale is that factor. The operator still receives the scaled
+    tensor (and applies only the remaining scale), so only the *reported* scale changes.
+    """
+    factor = 1.0
+    for _ in range(max_steps):
+        op = canon(node, gm)
+        if op is None:
+            return factor
+        if op.kind in _LAYOUT_KINDS:
+            node = op.input
+            continue
+        if op.kind not in ("mul", "div"):
+            return factor
+        a, b = op.args[0], op.args[1] if len(op.args) > 1 else None
+        c = scalar_value(b)
+        if c is None and op.kind == "mul":
+            c, a = scalar_value(a), b
+        if c is None or c == 0 or not isinstance(a, fx.Node):
+            return factor
+        factor = factor * c if op.kind == "mul" else factor / c
+        node = a
+    return factor
 
 
 @dataclass

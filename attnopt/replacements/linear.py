@@ -42,7 +42,7 @@ __all__ = [
 
 # Fitting budget: the first sequences and a prefix of each, so a site fits in seconds on a CPU
 # (the loss is O(sequences * heads * query_samples * keys * 2F) per step).
-_FIT_MAX_SEQUENCES = 2
+_FIT_MAX_SEQUENCES = 1
 _FIT_MAX_KEYS = 512
 
 
@@ -66,7 +66,7 @@ class LinearConfig(FamilyConfig):
     feature_dim: int = 32
     window: int = 0
     chunk: int = 64
-    fit_steps: int = 150
+    fit_steps: int = 60
     fit_lr: float = 0.05
     query_samples: int = 128
     seed: int = 0

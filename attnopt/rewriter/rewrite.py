@@ -9,6 +9,7 @@ Every mutation ends with dead-code elimination, ``graph.lint()`` and ``recompile
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ __all__ = ["Choice", "rewrite_graph", "RewriteError"]
 
 log = logging.getLogger("attnopt.rewriter")
 aten = torch.ops.aten
+
+
+_REWRITE_IDS = itertools.count()
 
 
 class RewriteError(RuntimeError):
@@ -112,6 +116,9 @@ def _param_nodes(gm: fx.GraphModule, site: AttentionSite, params: list[torch.Ten
 def _op_config(site: AttentionSite, choice: Choice, m: SiteMatch) -> str:
     cfg = {
         "site": site.name,
+        # Unique per rewritten site: the operator caches per-shape facts about static masks
+        # under this key, and two models (or two captures) may share site names.
+        "rewrite_id": next(_REWRITE_IDS),
         "family": choice.family,
         "config": choice.config,
         "mask_static": site.mask_static,
@@ -120,6 +127,11 @@ def _op_config(site: AttentionSite, choice: Choice, m: SiteMatch) -> str:
         "min_q_len": choice.min_q_len,
     }
     return json.dumps(cfg, sort_keys=True)
+
+
+def _op_scale(site: AttentionSite, m: SiteMatch) -> float:
+    """The scale the operator applies to the q/k it receives (see ``SiteMatch.op_scale``)."""
+    return site.scale if m.op_scale is None else m.op_scale
 
 
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, choice: Choice) -> fx.Node:
@@ -140,7 +152,16 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, choice: Choice) -> fx.
         params = _param_nodes(gm, site, choice.params) if choice.params else []
         out = graph.call_function(
             op_for(family),
-            (q, k, v, mask, params, float(site.scale), bool(m.is_causal), _op_config(site, choice, m)),
+            (
+                q,
+                k,
+                v,
+                mask,
+                params,
+                float(_op_scale(site, m)),
+                bool(m.is_causal),
+                _op_config(site, choice, m),
+            ),
         )
         out = _from_bhnd(graph, out, m.out_form)
         want = node_dtype(m.output)
