@@ -11,6 +11,7 @@ from attnopt import codegen as _codegen  # noqa: F401  (registers the attnopt::*
 from attnopt.api import apply, backend, find_sites, load_plan, optimize, plan
 from attnopt.cost_model.budget import Budget, parse_budget
 from attnopt.patterns.site import AttentionSite
+from attnopt.rewriter.export import export, export_mlir
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,8 @@ __all__ = [
     "Budget",
     "apply",
     "backend",
+    "export",
+    "export_mlir",
     "find_sites",
     "load_plan",
     "optimize",

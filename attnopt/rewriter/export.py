@@ -10,9 +10,11 @@ the program and ``torch.export.save``/``load`` round-trip it (after ``import att
 registers the operators). The program is checked against the optimised model before it is
 returned.
 
-:func:`export_mlir` hands that program to torch-mlir's FX importer without decompositions:
-exact sites stay ``torch.aten.scaled_dot_product_attention`` and the others appear as
-``torch.operator "attnopt.<family>"``.
+:func:`export_mlir` hands that program to torch-mlir's FX importer with torch-mlir's
+decompositions less those of SDPA, and lowers it to the torch backend contract with a small
+library giving the ``attnopt`` ops' shapes and dtypes: exact sites stay
+``torch.aten.scaled_dot_product_attention`` and the others appear as
+``torch.operator "torch.attnopt.<family>"``.
 """
 
 from __future__ import annotations
@@ -163,6 +165,20 @@ def _drop_replaced(gm: fx.GraphModule, rewritten: list[AttentionSite]) -> None:
     gm.recompile()
 
 
+def _check_planned_sites_found(model: torch.nn.Module, rewritten: list[str]) -> None:
+    """A planned variant whose site the export graph does not show would silently be lost."""
+    plan = getattr(model, "_attnopt_plan", None)
+    if plan is None:
+        return
+    lost = sorted({e.site for e in plan.entries if e.family not in ("exact", "head_pruned")} - set(rewritten))
+    if lost:
+        raise ExportCheckError(
+            f"attnopt.export: expected the exported graph to show every planned site, but got none for "
+            f"{lost} (rewritten: {sorted(rewritten)}). The model may capture differently under torch.export "
+            "than it did when planned; please report it with the model."
+        )
+
+
 def _rewritten_module(model, args, kwargs, strict: bool) -> tuple[fx.GraphModule, list[AttentionSite], int]:
     choose = _chooser(model)
     with _bypassed(model), torch.no_grad():
@@ -179,6 +195,7 @@ def _rewritten_module(model, args, kwargs, strict: bool) -> tuple[fx.GraphModule
     choices = {s.name: c for s in sites if (c := choose(s)) is not None}
     n = rewrite_graph(gm, sites, choices)
     _drop_replaced(gm, [s for s in sites if s.name in choices and s.rewritable])
+    _check_planned_sites_found(model, [s.name for s in sites if s.name in choices])
     missing = [s.name for s in sites if s.rewritable and s.name not in choices]
     if missing:
         log.info("attnopt.export: sites without a choice keep the model's attention: %s", missing)
@@ -273,13 +290,6 @@ def exact_to_sdpa(gm: fx.GraphModule) -> int:
     return n
 
 
-def _make_buffers_persistent(gm: torch.nn.Module) -> None:
-    """torch-mlir's frozen importer looks buffers up in ``state_dict``, where non-persistent
-    ones (rotary ``inv_freq``, ``position_ids``, fitted params) are missing."""
-    for m in gm.modules():
-        m._non_persistent_buffers_set.clear()
-
-
 def export(
     model: torch.nn.Module,
     args: Any = (),
@@ -288,7 +298,6 @@ def export(
     strict: bool = False,
     check: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
-    persistent_buffers: bool = False,
     exact_as_sdpa: bool = False,
 ) -> torch.export.ExportedProgram:
     """``torch.export`` an optimised model with its attention sites as ``attnopt`` operators.
@@ -301,8 +310,6 @@ def export(
         strict: passed to ``torch.export.export``.
         check: run the program and the optimised model on the example and compare.
         tolerance: the largest relative L2 output difference ``check`` accepts.
-        persistent_buffers: store every buffer in the program's ``state_dict`` (non-persistent
-            ones and fitted tensors included), as importers that read only ``state_dict`` need.
         exact_as_sdpa: emit ``aten.scaled_dot_product_attention`` instead of ``attnopt::exact``
             where it computes the same (see :func:`exact_to_sdpa`).
 
@@ -324,8 +331,6 @@ def export(
         raise TypeError(f"Expected a torch.nn.Module, but got {type(model).__name__}.")
     args, kwargs = _as_call(args, kwargs)
     gm, _, n = _rewritten_module(model, args, kwargs, strict)
-    if persistent_buffers:
-        _make_buffers_persistent(gm)
     if exact_as_sdpa:
         n -= exact_to_sdpa(gm)
     with torch.no_grad():
@@ -382,11 +387,17 @@ def mlir_op_library() -> str:
     return "".join(_LIBRARY_TEMPLATE.format(name=f"torch.attnopt.{f}") for f in _FAMILY_OPS)
 
 
-def _decompositions() -> dict:
+#: Output types whose lowering has a conversion for SDPA; for the others it is decomposed.
+_KEEPS_SDPA = ("raw", "torch", "linalg-on-tensors")
+
+
+def _decompositions(keep_sdpa: bool) -> dict:
     """torch-mlir's own decompositions, less the ones that would break SDPA apart."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     table = get_decomposition_table()
+    if not keep_sdpa:
+        return table
     return {op: fn for op, fn in table.items() if op.name().split("::")[-1].split(".")[0] not in _SDPA_OPS}
 
 
@@ -394,12 +405,12 @@ def _lower(mlir_fx, module, output_type: str):
     """torch-mlir's lowering of an imported module, with the attnopt ops' library."""
     import tempfile
 
+    legal = [op for op in _LEGAL_OPS if output_type in _KEEPS_SDPA or "scaled_dot" not in op]
+
     with tempfile.TemporaryDirectory(prefix="attnopt_mlir_") as tmp:
         lib = pathlib.Path(tmp) / "attnopt_ops.mlir"
         lib.write_text(mlir_op_library())
-        options = mlir_fx.FxImportOptions(
-            extra_library_file_name=str(lib), backend_legal_ops=list(_LEGAL_OPS)
-        )
+        options = mlir_fx.FxImportOptions(extra_library_file_name=str(lib), backend_legal_ops=legal)
         return mlir_fx._module_lowering(
             False, False, mlir_fx.OutputType.get(output_type), module, fx_import_options=options
         )
@@ -416,8 +427,8 @@ def _import_torch_mlir():
 
 
 def export_mlir(
-    model: torch.nn.Module,
-    example: Any,
+    model: torch.nn.Module | torch.export.ExportedProgram,
+    example: Any = None,
     path: str | os.PathLike | None = None,
     output_type: str = "torch",
     *,
@@ -425,31 +436,53 @@ def export_mlir(
 ) -> str:
     """Write the optimised model as MLIR (torch dialect by default); returns the MLIR text.
 
-    Exact sites stay ``torch.aten.scaled_dot_product_attention``; every other site is a
-    ``torch.operator "attnopt.<family>"`` whose string operand is the site's config JSON.
+    Exact sites stay ``torch.aten.scaled_dot_product_attention`` (where SDPA means the same; see
+    :func:`exact_to_sdpa`; for ``"tosa"`` and ``"stablehlo"``, which cannot lower SDPA, they are
+    decomposed into matmuls and softmax); every other site is a ``torch.operator "torch.attnopt.<family>"``
+    whose operands are q, k, v, the mask, the fitted tensors, scale, is_causal and the site's
+    config JSON.
 
     Args:
-        model: a model returned by :func:`attnopt.optimize` or :func:`attnopt.apply`.
+        model: a model returned by :func:`attnopt.optimize` or :func:`attnopt.apply`, or a
+            program from :func:`export` (then ``example`` is not needed; make it with
+            ``exact_as_sdpa=True`` for SDPA at exact sites).
         example: one example call: a tuple of positional args, a dict of keyword args (or a
             tensor, or an ``(args, kwargs)`` pair).
         path: file to write (parent directories are created); None writes nothing.
-        output_type: one of :data:`MLIR_OUTPUT_TYPES`; lowerings past ``"torch"`` cannot
-            express the ``attnopt`` operators and fail unless every site is exact.
+        output_type: one of :data:`MLIR_OUTPUT_TYPES`: ``"raw"`` is the importer's output,
+            ``"torch"`` the torch backend contract; lowerings past it (linalg-on-tensors, tosa,
+            stablehlo) have no conversion for the ``attnopt`` operators and fail unless every
+            site is exact.
         check: compare the exported program with the model first (see :func:`export`).
 
     Raises:
         ImportError: torch-mlir is not installed (``pip install attnopt[mlir]``).
         ValueError: an unknown ``output_type``.
+
+    Example::
+
+        >>> text = attnopt.export_mlir(model, {"input_ids": ids, "use_cache": False}, "model.mlir")
+        >>> re.findall(r'torch.operator "[^"]+"|torch.aten.scaled_dot_product_attention', text)
+        ['torch.aten.scaled_dot_product_attention', 'torch.operator "torch.attnopt.quantized"']
     """
     if output_type not in MLIR_OUTPUT_TYPES:
         raise ValueError(f"Expected output_type in {MLIR_OUTPUT_TYPES}, but got {output_type!r}.")
     mlir_fx = _import_torch_mlir()
-    # Non-persistent buffers (rotary inv_freq, position_ids) would be missing from the program's
-    # state_dict, where the frozen importer looks; made persistent, they become MLIR literals
-    # like the weights, with no need for the importer's experimental mutation support.
-    program = export(model, example, check=check, persistent_buffers=False, exact_as_sdpa=True)
+    keep_sdpa = output_type in _KEEPS_SDPA
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+    else:
+        program = export(model, example, check=check, exact_as_sdpa=True)
+    # The frozen importer looks buffers up in state_dict, where non-persistent ones (rotary
+    # inv_freq, position_ids) and the fitted tensors are missing, and it cannot import a list of
+    # frozen tensors (the ops' params). The program importer handles both; with nothing mutated
+    # at inference, every weight and buffer still becomes a literal and the function takes only
+    # the model's inputs.
     module = mlir_fx.export_and_import(
-        program, output_type="raw", decomposition_table=_decompositions(), experimental_support_mutation=True
+        program,
+        output_type="raw",
+        decomposition_table=_decompositions(keep_sdpa),
+        experimental_support_mutation=True,
     )
     if output_type != "raw":
         module = _lower(mlir_fx, module, output_type)
