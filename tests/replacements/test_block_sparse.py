@@ -210,3 +210,17 @@ def test_item_pool_matches_and_restores_thread_count(parallel, monkeypatch):
         < 2e-5
     )
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_cpu_kernel_runs_under_the_callers_autograd_mode(mode):
+    """Worker threads inherit inference_mode/no_grad (thread-local in torch)."""
+    from attnopt.codegen.cpu.block_sparse import band_attention
+    from attnopt.replacements.exact import attention_reference
+
+    q, k, v = (torch.randn(1, 8, 512, 32) for _ in range(3))
+    ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with ctx:
+        out = band_attention(q, k, v, scale=32**-0.5, window=64)
+    ref = attention_reference(q, k, v, scale=32**-0.5, causal=True, window=64)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -73,7 +73,10 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     key = (name, dtype, device, threading.get_ident())
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        # a normal tensor, even when the caller is in inference_mode: an inference tensor could
+        # never be written again by a later call outside it
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=dtype, device=device)
         _BUFFERS[key] = buf
     return buf[:numel]
 
@@ -105,8 +108,16 @@ def _run_items(items: list[tuple[int, ...]], fn: Callable[..., None]) -> None:
     pool = _POOLS.get(workers)
     if pool is None:
         pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="attnopt-cpu")
+    # Autograd modes are thread-local: workers must run under the caller's (inference_mode and
+    # no_grad included), or in-place writes into the caller's tensors fail or get recorded.
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(*item):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            fn(*item)
+
     with _single_threaded_ops():
-        for future in [pool.submit(fn, *item) for item in items]:
+        for future in [pool.submit(run, *item) for item in items]:
             future.result()
 
 
