@@ -341,7 +341,7 @@ def run_optimize(
         _warn_no_sites(model)
         return model
     if run.plan.explanation:
-        log.warning("attnopt: %s", run.plan.explanation)
+        log.warning("%s", run.plan.explanation)
     install_plan(model, run.plan, run.sites)
     model._attnopt_sites = run.sites
     return model

@@ -1,0 +1,76 @@
+"""The optimize/plan pipeline: explicit families that cannot serve a site, plan round trips."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnopt
+
+
+class RawAttention(nn.Module):
+    """Attention on given q/k/v: no projections for head pruning to cut."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_family_asked_for_on_a_site_it_cannot_serve_warns_and_stays_exact():
+    torch.manual_seed(0)
+    model = RawAttention()
+    calls = [tuple(torch.randn(1, 4, 64, 16) for _ in range(3)) for _ in range(3)]
+    with pytest.warns(UserWarning, match=r"'head_pruned' cannot serve site <root>#0: .*projections"):
+        attnopt.optimize(model, "2x", calib=calls, families=("head_pruned",))
+    assert all(e.family == "exact" for e in model._attnopt_plan.entries)
+    q, k, v = (torch.randn(1, 4, 64, 16) for _ in range(3))
+    torch.testing.assert_close(model(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_unknown_family_and_bad_budget_are_value_errors():
+    model = RawAttention()
+    calls = [tuple(torch.randn(1, 2, 8, 8) for _ in range(3))]
+    with pytest.raises(ValueError, match="families"):
+        attnopt.optimize(model, "2x", calib=calls, families=("magic",))
+    with pytest.raises(ValueError, match="latency<="):
+        attnopt.optimize(model, "fast please", calib=calls)
+    with pytest.raises(ValueError, match="calibration example"):
+        attnopt.optimize(model, "2x", calib=[])
+
+
+def test_plan_save_load_apply_round_trip(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    reference = copy.deepcopy(model)
+    calls = [{"input_ids": torch.randint(0, 64, (1, 32)), "use_cache": False} for _ in range(3)]
+    plan = attnopt.plan(model, "1.2x", calib=calls)
+    assert "forward" not in model.__dict__  # plan() leaves the model as it was
+    plan.save(tmp_path / "plan")
+    loaded = attnopt.load_plan(tmp_path / "plan")
+    assert [e.family for e in loaded.entries] == [e.family for e in plan.entries]
+    attnopt.apply(model, loaded, example=calls[0])
+    ids = torch.randint(0, 64, (1, 32))
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+        want = reference(input_ids=ids, use_cache=False).logits
+    err = float((got - want).norm() / want.norm())
+    assert err <= 0.05, err  # the plan's validated tolerance, with margin for a fresh input
+
+    other = LlamaForCausalLM(
+        LlamaConfig(**{**cfg.to_dict(), "num_attention_heads": 2, "num_key_value_heads": 2})
+    ).eval()
+    with pytest.raises(ValueError, match="fingerprint"):
+        attnopt.apply(other, loaded, example=calls[0])
