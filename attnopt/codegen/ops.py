@@ -152,7 +152,12 @@ _STATIC_MASK_KINDS: dict[tuple[object, tuple[int, ...], str], tuple[str, int | N
 
 
 def _resolve_mask(
-    attn_mask: torch.Tensor | None, q_len: int, kv_len: int, is_causal: bool, config: dict[str, Any]
+    attn_mask: torch.Tensor | None,
+    q_len: int,
+    kv_len: int,
+    is_causal: bool,
+    config: dict[str, Any],
+    variant: bool = False,
 ) -> tuple[torch.Tensor | None, bool, int | None]:
     """Reduce the model's mask to (tensor or None, causal, window) for the kernel."""
     window = config.get("window")
@@ -179,6 +184,18 @@ def _resolve_mask(
             return None, True, window
         if name == "sliding_window":
             return None, True, win
+    elif variant:
+        # A mask that may depend on input values cannot be cached, but a variant needs its
+        # structure: classify this call's mask (an O(Nq*Nk) check; exact attention skips it).
+        allowed = additive_to_allowed(attn_mask)
+        if allowed is not None:
+            name, win = classify_allowed(allowed.expand(*allowed.shape[:-2], q_len, kv_len))
+            if name == "none":
+                return None, is_causal, window
+            if name == "causal":
+                return None, True, window
+            if name == "sliding_window":
+                return None, True, win
     return attn_mask, is_causal, window
 
 
@@ -232,7 +249,12 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
         attn_mask, is_causal = _top_left_causal(attn_mask, q_len, kv_len, q.device), False
     if family != "exact" and q_len < int(cfg.get("min_q_len", 2)):
         family = "exact"  # decode steps and tiny inputs: the variant does not pay off
-    mask, causal, window = _resolve_mask(attn_mask, q_len, kv_len, is_causal, cfg)
+    # Classify per call where the structure matters: variants, and calibration (whose samples
+    # variants are fitted on). Plain exact attention just passes the model's mask to SDPA.
+    variant = (
+        family != "exact" or _OBSERVER is not None or bool(_OVERRIDES and cfg.get("site", "") in _OVERRIDES)
+    )
+    mask, causal, window = _resolve_mask(attn_mask, q_len, kv_len, is_causal, cfg, variant)
     call = AttentionCall(q, k, v, mask, list(params), float(scale), causal, window, cfg)
     if _OBSERVER is not None:
         _OBSERVER(cfg.get("site", ""), call)

@@ -124,8 +124,8 @@ def match_sdpa(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch | None:
     """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``."""
     q, k, v = op.args[:3]
     mask = _arg(op, 3, "attn_mask")
-    dropout = float(_arg(op, 4, "dropout_p", 0.0) or 0.0)
-    is_causal = bool(_arg(op, 5, "is_causal", False))
+    dropout = _arg(op, 4, "dropout_p", 0.0) or 0.0
+    is_causal = _arg(op, 5, "is_causal", False)
     scale = op.kwargs.get("scale", op.args[6] if len(op.args) > 6 else None)
     return _sdpa_site("sdpa", ctx, node, node, q, k, v, mask, dropout, is_causal, scale)
 
@@ -145,8 +145,8 @@ def match_sdpa_fused(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch | No
     mask_i, drop_i, causal_i = _FUSED_ARGS.get(name, (None, 3, 4))
     q, k, v = op.args[:3]
     mask = op.kwargs.get("attn_mask") if mask_i is None else _arg(op, mask_i, "attn_bias")
-    dropout = float(_arg(op, drop_i, "dropout_p", 0.0) or 0.0)
-    is_causal = bool(_arg(op, causal_i, "is_causal", False))
+    dropout = _arg(op, drop_i, "dropout_p", 0.0) or 0.0
+    is_causal = _arg(op, causal_i, "is_causal", False)
     scale = op.kwargs.get("scale")
     outs = [u for u in node.users if u.target.__name__ == "getitem"] if node.users else []
     out0 = [u for u in outs if u.args[1] == 0]
@@ -159,6 +159,9 @@ def match_sdpa_fused(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch | No
 
 
 def _sdpa_site(pattern, ctx, anchor, output, q, k, v, mask, dropout, is_causal, scale) -> SiteMatch | None:
+    if isinstance(is_causal, fx.Node) or isinstance(dropout, fx.Node):
+        return _skip(anchor, "SDPA's is_causal/dropout_p are computed in the graph")
+    dropout, is_causal = float(dropout), bool(is_causal)
     k_base, rep_k = fold_repeat_kv(k, ctx.gm)
     v_base, rep_v = fold_repeat_kv(v, ctx.gm)
     if rep_k != rep_v:
@@ -168,6 +171,12 @@ def _sdpa_site(pattern, ctx, anchor, output, q, k, v, mask, dropout, is_causal, 
         return _skip(anchor, "SDPA inputs are not 4-D with known shapes")
     qs, ks, vs = facts
     d = qs[-1]
+    unresolved = None
+    if isinstance(scale, fx.Node):  # computed in the graph (e.g. under dynamic shapes)
+        value = _const_scalar(scale, ctx)
+        if value is None:
+            unresolved, value = "the softmax scale is computed at run time from tensor values", 1.0
+        scale = value
     op_scale = float(scale) if scale is not None else d**-0.5
     m = SiteMatch(
         pattern=pattern,
@@ -191,7 +200,9 @@ def _sdpa_site(pattern, ctx, anchor, output, q, k, v, mask, dropout, is_causal, 
     )
     if isinstance(mask, fx.Node):
         m.mask_terms.append(MaskTerm(mask, "keep" if _is_bool(mask) else "add"))
-    if dropout > 0:
+    if unresolved:
+        m.unsupported = unresolved
+    elif dropout > 0:
         m.unsupported = f"attention dropout p={dropout} is active (training mode); call model.eval() first"
     return m
 
