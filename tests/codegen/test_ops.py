@@ -1,0 +1,39 @@
+"""The attnopt::* operators: torch.library.opcheck, and the exact operator's semantics."""
+
+import json
+
+import pytest
+import torch
+
+from attnopt.codegen.ops import FAMILY_OPS, op_for
+from attnopt.replacements.exact import attention_reference
+
+
+def _config(**extra) -> str:
+    return json.dumps({"site": "test#0", "family": "exact", "config": {}, "mask_static": False, **extra})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_exact_operator_passes_opcheck(causal, with_mask):
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    mask = (torch.rand(2, 1, 9, 9) > 0.3) | torch.eye(9, dtype=torch.bool) if with_mask else None
+    torch.library.opcheck(op_for("exact"), (q, k, v, mask, [], 0.25, causal, _config()))
+
+
+def test_every_family_has_an_operator_with_a_fake_kernel():
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4)
+    for family in FAMILY_OPS:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode:
+            fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+            out = op_for(family)(fq, fk, fv, None, [], 0.5, True, _config())
+        assert tuple(out.shape) == (1, 2, 5, 4)
+
+
+@pytest.mark.parametrize("nq,nk", [(7, 7), (3, 7), (1, 7)])
+def test_exact_operator_is_bottom_right_causal_and_gqa(nq, nk):
+    q, k, v = torch.randn(1, 6, nq, 16), torch.randn(1, 2, nk, 16), torch.randn(1, 2, nk, 16)
+    out = op_for("exact")(q, k, v, None, [], 0.3, True, _config())
+    torch.testing.assert_close(out, attention_reference(q, k, v, scale=0.3, causal=True))
