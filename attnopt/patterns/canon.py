@@ -164,14 +164,7 @@ def canon(node: Any, gm: fx.GraphModule | None = None) -> Op | None:
         return None
     if kind == "where" and node.op == "call_function" and len(args) == 1:
         return None  # torch.where(cond) returns indices
-    if kind == "identity" and node.target in ("to", "type") and not _preserves_values(node):
-        return None
     return Op(kind, args, kwargs, node)
-
-
-def _preserves_values(node: fx.Node) -> bool:
-    # ``x.to(other_tensor)`` / ``x.to(dtype)`` / ``x.to(device)`` all keep values (up to a cast).
-    return True
 
 
 def _getitem_kind(node: fx.Node) -> str | None:

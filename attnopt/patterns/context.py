@@ -59,7 +59,7 @@ class GraphContext:
     def is_weight(self, node: Any) -> bool:
         """A parameter, buffer or constant: a get_attr, or a weight placeholder."""
         if not isinstance(node, fx.Node):
-            return not isinstance(node, fx.Node)
+            return True  # a Python constant
         if node.op == "get_attr":
             return True
         return node.op == "placeholder" and node.name in self.weight_placeholders

@@ -19,7 +19,7 @@ from attnopt.patterns.context import GraphContext
 from attnopt.patterns.masks import additive_to_allowed, causal_allowed, classify_allowed
 from attnopt.patterns.matchers import MATCHERS, SiteMatch
 from attnopt.patterns.site import AttentionSite
-from attnopt.patterns.walk import find_projection, strip_identity
+from attnopt.patterns.walk import find_projection, linear_input, projection_path, strip_identity
 
 __all__ = ["find_sites_in_graph", "assign_names", "prefix_sites", "META_KEY"]
 
@@ -208,7 +208,6 @@ _OUT_PASS = ("identity", "transpose", "permute", "reshape")
 
 
 def _output_projection(ctx: GraphContext, m: SiteMatch) -> str | None:
-    from attnopt.patterns.walk import _linear_input, _projection_path
 
     cur = m.output
     for _ in range(10):
@@ -216,8 +215,8 @@ def _output_projection(ctx: GraphContext, m: SiteMatch) -> str | None:
         if len(users) != 1:
             return None
         u = users[0]
-        if _linear_input(u, ctx) is cur:
-            return _projection_path(u, ctx)
+        if linear_input(u, ctx) is cur:
+            return projection_path(u, ctx)
         op = canon(u, ctx.gm)
         name = str(getattr(u.target, "__name__", u.target))
         if (op is None or op.kind not in _OUT_PASS) and not any(

@@ -9,6 +9,7 @@ arguments — sequence-first ``(L, N, E)`` inputs, ``num_heads``, masks in MHA's
 from __future__ import annotations
 
 import inspect
+import operator
 
 import torch.fx as fx
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ def match_mha_functional(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch 
         qs, ks = (qs[0], 1, qs[1]), (ks[0], 1, ks[1])
     heads = int(a["num_heads"])
     e = qs[-1]
-    out0 = [u for u in node.users if u.target is __import__("operator").getitem and u.args[1] == 0]
+    out0 = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
     if len(out0) != 1 or heads <= 0 or e % heads:
         return None
     d = e // heads
@@ -68,9 +69,7 @@ def match_mha_functional(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch 
         m.mask_terms.append(
             MaskTerm(a["key_padding_mask"], "drop_keys" if _is_bool(a["key_padding_mask"]) else "add_keys")
         )
-    weights_used = any(
-        u.target is __import__("operator").getitem and u.args[1] == 1 and u.users for u in node.users
-    )
+    weights_used = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
     if a["need_weights"] and weights_used:
         m.unsupported = "attention weights are returned (need_weights=True); call with need_weights=False"
     elif a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:

@@ -21,6 +21,8 @@ __all__ = [
     "fold_repeat_kv",
     "fold_scalar_scale",
     "find_projection",
+    "linear_input",
+    "projection_path",
     "Projection",
     "only_user",
 ]
@@ -136,12 +138,6 @@ def prescale_under_layout(node: Any, gm: fx.GraphModule | None = None, max_steps
     return factor
 
 
-@dataclass
-class RepeatFold:
-    base: fx.Node
-    groups: int
-
-
 def fold_repeat_kv(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any, int]:
     """Undo GQA/MQA head repetition; return ``(base, n_rep)``.
 
@@ -198,7 +194,7 @@ class Projection:
 _LINEAR_TARGETS = {"linear", "addmm"}
 
 
-def _linear_input(node: fx.Node, ctx: GraphContext) -> Any | None:
+def linear_input(node: fx.Node, ctx: GraphContext) -> Any | None:
     """If ``node`` is a linear layer (F.linear, aten.linear, addmm/matmul with a weight, nn.Linear), its input."""
     import torch.nn as nn
 
@@ -262,9 +258,9 @@ def find_projection(node: Any, ctx: GraphContext, max_steps: int = 40) -> Projec
     cur, steps, packed = node, 0, False
     while isinstance(cur, fx.Node) and steps < max_steps:
         steps += 1
-        inp = _linear_input(cur, ctx)
+        inp = linear_input(cur, ctx)
         if inp is not None:
-            return Projection(module_path=_projection_path(cur, ctx), node=cur, input=inp, packed=packed)
+            return Projection(module_path=projection_path(cur, ctx), node=cur, input=inp, packed=packed)
         op = canon(cur, ctx.gm)
         name = getattr(cur.target, "__name__", str(cur.target))
         if op is not None and op.kind in _PASS_KINDS:
@@ -285,7 +281,7 @@ def _splits_last_dim(node: fx.Node) -> bool:
     return "split" in str(node.target) or "chunk" in str(node.target) or "unbind" in str(node.target)
 
 
-def _projection_path(node: fx.Node, ctx: GraphContext) -> str:
+def projection_path(node: fx.Node, ctx: GraphContext) -> str:
     if node.op == "call_module":
         return str(node.target)
     path = module_path_of(node)
