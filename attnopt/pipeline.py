@@ -112,8 +112,14 @@ def build_candidates(
     stats: dict[str, SiteStats],
     families: tuple[str, ...] | None,
     exclude: Sequence[str],
+    timings: dict[str, float] | None = None,
 ) -> dict[str, list[Candidate]]:
-    """Each family's fitted candidates per site; unsupported pairs are skipped with a reason."""
+    """Each family's fitted candidates per site; unsupported pairs are skipped with a reason.
+
+    ``timings`` (optional) accumulates the seconds each family spent fitting, as ``"fit <family>"``,
+    so a plan's report can say which family's fitting the planning time went to.
+    """
+    timings = timings if timings is not None else {}
     names = families or tuple(f for f in FAMILY_NAMES if f != "exact")
     out: dict[str, list[Candidate]] = {}
     for site in sites:
@@ -139,11 +145,14 @@ def build_candidates(
                     warnings.warn(msg, stacklevel=4)
                 log.info(msg)
                 continue
+            t0 = time.perf_counter()
             try:
                 out[site.name].extend(fam.candidates(site, st))
             except Exception as e:  # noqa: BLE001 - one family failing on one site must not stop planning
                 log.warning("family %s failed to fit site %s (%s: %s); no candidate", fam_name, site.name,
                             type(e).__name__, e)
+            finally:
+                timings[f"fit {fam_name}"] = timings.get(f"fit {fam_name}", 0.0) + time.perf_counter() - t0
     return out
 
 
@@ -216,7 +225,7 @@ def run_plan(
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    candidates = build_candidates(sites, stats, fams, exclude)
+    candidates = build_candidates(sites, stats, fams, exclude, timings)
     timings["candidates"] = time.perf_counter() - t
     plan_kwargs = dict(stats=stats, profile=target, measure=measure, families=fams, exclude=list(exclude) or None)
     plan = make_plan(sites, candidates, parsed, **plan_kwargs)
@@ -294,12 +303,19 @@ def install_choices(model: torch.nn.Module, parts: list[CapturedPart] | list[str
     for part in parts:
         path = part if isinstance(part, str) else part.path
         module = model.get_submodule(path) if path else model
-        install(module, _chooser(choices), prefix=path)
+        install(module, _chooser(choices), prefix=path, choices=choices)
 
 
 def plan_choices(plan: Plan) -> dict[str, Choice]:
-    """The rewrite's view of a plan: family, config JSON and tensors per site."""
-    return {e.site: Choice(e.family, e.config, list(e.params)) for e in plan.entries}
+    """The rewrite's view of a plan: family, config JSON and tensors per site.
+
+    One-query (decode) calls run exact attention unless the entry says the family's own decode
+    form serves them (``PlanEntry.decode == "family"``).
+    """
+    return {
+        e.site: Choice(e.family, e.config, list(e.params), min_q_len=1 if e.decode == "family" else 2)
+        for e in plan.entries
+    }
 
 
 def install_plan(model: torch.nn.Module, plan: Plan, sites: list[AttentionSite] | None = None) -> torch.nn.Module:

@@ -269,12 +269,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--codelm-budgets", default="1.2x,2x,4x", help="comma-separated; empty skips codelm")
+    ap.add_argument("--minilm-budgets", default="1.3x,1.5x", help="comma-separated")
+    ap.add_argument("--name", default=None, help="results file stem (default planning / planning-quick)")
     args = ap.parse_args()
     seq = 1024 if args.quick else 2048
-    rows = bench_codelm(["1.2x", "2x"], seq=seq, n_calib=4 if args.quick else 6, n_held=2)
+    budgets = [b for b in args.codelm_budgets.split(",") if b]
+    rows = bench_codelm(budgets, seq=seq, n_calib=4 if args.quick else 6, n_held=2) if budgets else []
     if not args.skip_minilm:
-        rows += bench_minilm(["1.3x", "1.5x"], seq=256)
-    write(rows, "planning-quick" if args.quick else "planning")
+        rows += bench_minilm([b for b in args.minilm_budgets.split(",") if b], seq=256)
+    write(rows, args.name or ("planning-quick" if args.quick else "planning"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Prediction is a pure function of (site, candidate, profile, shape):
 with FLOPs and bytes from the candidate's sympy :class:`~attnopt.replacements.base.CostFormula`
 evaluated at the site's shape. Measurement times ``torch.ops.attnopt.<family>`` itself (for
 ``head_pruned``: the exact operator on the kept heads), warm-up then median, and caches the
-result per (site, config, shape, device).
+result per (site, config, shape, device); :func:`measure_relative` times a candidate in
+interleaved pairs with exact attention, which is what planning uses to rank a site's candidates.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from attnopt.cost_model._timing import median_time
+from attnopt.cost_model._timing import median_time, paired_ratio
 from attnopt.cost_model.device import DeviceProfile
 from attnopt.patterns.site import AttentionSite
 from attnopt.replacements.base import Candidate, CostFormula
@@ -30,6 +31,7 @@ __all__ = [
     "dtype_bytes",
     "kept_heads",
     "measure_latency",
+    "measure_relative",
     "op_config",
     "predict_latency",
     "site_shape",
@@ -156,23 +158,8 @@ def clear_latency_cache() -> None:
     _CACHE.clear()
 
 
-def measure_latency(
-    site: AttentionSite,
-    candidate: Candidate,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    *,
-    warmup: int = 1,
-    repeats: int = 5,
-    cache: bool = True,
-) -> float:
-    """Median seconds of the real operator on ``q``/``k``/``v`` (layout ``(B, H, N, D)``).
-
-    Raises:
-        NotImplementedError: when the family has no kernel for the tensors' device.
-    """
+def _runner(site: AttentionSite, candidate: Candidate, q, k, v, attn_mask) -> tuple[Any, tuple[Any, ...]]:
+    """(a call of ``candidate``'s operator on these tensors, its cache key)."""
     from attnopt.codegen.ops import op_for
 
     family = candidate.family
@@ -196,15 +183,69 @@ def measure_latency(
         str(q.device),
         attn_mask is None,
     )
+    op = op_for(family)
+    return (lambda: op(q, k, v, attn_mask, params, site.scale, site.causal, cfg)), key
+
+
+def measure_latency(
+    site: AttentionSite,
+    candidate: Candidate,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    cache: bool = True,
+) -> float:
+    """Median seconds of the real operator on ``q``/``k``/``v`` (layout ``(B, H, N, D)``).
+
+    Raises:
+        NotImplementedError: when the family has no kernel for the tensors' device.
+    """
+    run, key = _runner(site, candidate, q, k, v, attn_mask)
     if cache and key in _CACHE:
         return _CACHE[key]
-    op = op_for(family)
-    t = median_time(
-        lambda: op(q, k, v, attn_mask, params, site.scale, site.causal, cfg),
-        device=q.device,
-        warmup=warmup,
-        repeats=repeats,
-    )
+    t = median_time(run, device=q.device, warmup=warmup, repeats=repeats)
     if cache:
         _CACHE[key] = t
     return t
+
+
+def measure_relative(
+    site: AttentionSite,
+    candidate: Candidate,
+    reference: Candidate,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    give_up_above: float | None = 1.5,
+    cache: bool = True,
+) -> float:
+    """Seconds of ``candidate`` relative to ``reference`` (usually exact) on the same tensors.
+
+    Runs the two operators in interleaved pairs and returns the median per-pair ratio (see
+    :func:`~attnopt.cost_model._timing.paired_ratio`): ranking candidates of one site by this
+    survives a shared machine's load changing during planning, which separate medians do not.
+    A candidate more than ``give_up_above`` times slower than the reference after one pair is
+    not timed further.
+
+    Raises:
+        NotImplementedError: when either family has no kernel for the tensors' device.
+    """
+    run, key = _runner(site, candidate, q, k, v, attn_mask)
+    run_ref, ref_key = _runner(site, reference, q, k, v, attn_mask)
+    key = ("relative", key, ref_key)
+    if cache and key in _CACHE:
+        return _CACHE[key]
+    ratio = paired_ratio(
+        run, run_ref, device=q.device, warmup=warmup, repeats=repeats, give_up_above=give_up_above
+    )
+    if cache:
+        _CACHE[key] = ratio
+    return ratio

@@ -66,6 +66,8 @@ class PlanEntry:
         exact_predicted_s / exact_measured_s: the same for exact attention at the site.
         error: relative L2 error of the site output on calibration data; ``cosine`` its cosine.
         notes: free text for reports.
+        decode: what one-query decode steps run: ``"exact"``, or ``"family"`` where the family
+            defines a decode form for this config (see ``Family.decode_form``).
     """
 
     site: str
@@ -79,6 +81,7 @@ class PlanEntry:
     error: float = 0.0
     cosine: float | None = None
     notes: str = ""
+    decode: str = "exact"
 
     def config_object(self) -> FamilyConfig:
         """The family's frozen config rebuilt from JSON."""
@@ -104,6 +107,7 @@ class PlanEntry:
             "error": self.error,
             "cosine": self.cosine,
             "notes": self.notes,
+            "decode": self.decode,
         }
 
 
@@ -173,15 +177,15 @@ class Plan:
         )
 
     def summary(self) -> str:
-        """Markdown table: site, family, config, predicted and measured latency, error."""
+        """Markdown table: site, family, config, decode path, predicted and measured latency, error."""
         lines = [
-            "| site | family | config | predicted ms | measured ms | exact ms | rel error |",
-            "|---|---|---|---|---|---|---|",
+            "| site | family | config | decode | predicted ms | measured ms | exact ms | rel error |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for e in self.entries:
             exact = e.exact_measured_s if e.exact_measured_s is not None else e.exact_predicted_s
             lines.append(
-                f"| {e.site} | {e.family} | {e.describe()} | {_ms(e.predicted_s)} | {_ms(e.measured_s)} | "
+                f"| {e.site} | {e.family} | {e.describe()} | {e.decode} | {_ms(e.predicted_s)} | {_ms(e.measured_s)} | "
                 f"{_ms(exact)} | {e.error:.3g} |"
             )
         t = self.totals
@@ -195,9 +199,11 @@ class Plan:
             lines.append(self.explanation)
         lines.extend(self.steps)
         if self.timings:
-            total = sum(self.timings.values())
-            spent = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
-            lines.append(f"Planning took {total:.1f}s: {spent}.")
+            steps = {k: v for k, v in self.timings.items() if not k.startswith("fit ")}
+            fits = {k: v for k, v in self.timings.items() if k.startswith("fit ")}
+            spent = ", ".join(f"{k} {v:.1f}s" for k, v in steps.items())
+            within = f" (candidates: {', '.join(f'{k} {v:.1f}s' for k, v in fits.items())})" if fits else ""
+            lines.append(f"Planning took {sum(steps.values()):.1f}s: {spent}{within}.")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch
 from attnopt.cost_model.budget import Budget, parse_budget
 from attnopt.cost_model.device import DeviceProfile, get_profile, versions
 from attnopt.cost_model.error import measure_candidate_error
-from attnopt.cost_model.latency import measure_latency, predict_latency
+from attnopt.cost_model.latency import measure_latency, measure_relative, predict_latency
 from attnopt.cost_model.plan import Plan, PlanEntry, fingerprint
 from attnopt.cost_model.planner import Assignment, Option, pareto_front, solve_assignment
 from attnopt.replacements.base import Candidate
@@ -63,26 +63,51 @@ def build_options(
     measure: bool | str = False,
     timings: dict[str, float] | None = None,
 ) -> dict[str, list[Option]]:
-    """Score every candidate: error on calibration samples, predicted (and measured) latency.
+    """Score every candidate: predicted (and measured) latency, then error on calibration samples.
 
-    A candidate whose error cannot be measured (no stats and no pre-filled error, or a failing
-    kernel) gets an infinite error and is therefore never chosen; exact is added where missing.
+    Measured latency is exact attention's median time at the site times the candidate's median
+    ratio to exact in interleaved pairs (:func:`measure_relative`), so a site's candidates are
+    ranked on one footing however the machine's load drifts. A candidate no faster than exact
+    (measured, else predicted) can never be chosen — exact has no error — so its error is not
+    measured (it is infinite, with a note); on a CPU that skips the slow emulated kernels' error
+    runs. A candidate whose error cannot be measured (no stats and no pre-filled error, or a
+    failing kernel) also gets an infinite error; exact is added where missing.
     """
     timings = timings if timings is not None else {}
     options: dict[str, list[Option]] = {}
-    from attnopt.cost_model.planner import site_error_bound
-
-    bound = site_error_bound(budget)
     for name, site in sites.items():
         cands = list(candidates.get(name, [])) if site.rewritable else []
         if not any(c.family == "exact" for c in cands):
             cands.insert(0, _exact_candidate(site))
+        exact = next(c for c in cands if c.family == "exact")
         st = (stats or {}).get(name)
+        t0 = time.perf_counter()
+        inputs = _timing_inputs(site, st) if measure else None
+        exact_measured = measure_latency(site, exact, *inputs) if inputs is not None else None
+        exact_seconds = (
+            exact_measured if exact_measured is not None else predict_latency(site, exact, profile)
+        )
+        timings["latency"] = timings.get("latency", 0.0) + (time.perf_counter() - t0)
         site_opts = []
         for cand in cands:
             t0 = time.perf_counter()
-            rel, cos = (0.0, 1.0) if cand.family == "exact" else (cand.error, None)
-            if cand.family != "exact" and st is not None and st.q:
+            predicted = predict_latency(site, cand, profile)
+            measured = exact_measured if cand is exact else None
+            if cand is not exact and inputs is not None:
+                try:
+                    quick = dict(repeats=3, give_up_above=1.25) if measure == "auto" else dict(give_up_above=None)
+                    ratio = measure_relative(site, cand, exact, *inputs, **quick)
+                    measured = exact_measured * ratio
+                except NotImplementedError as e:
+                    log.info("attnopt: not timing %s at %s: %s", cand.label, name, e)
+            seconds = measured if measured is not None else predicted
+            t1 = time.perf_counter()
+            rel, cos = (0.0, 1.0) if cand is exact else (cand.error, None)
+            if cand is not exact and seconds >= exact_seconds:
+                rel, cos = math.inf, None
+                kind = "measured" if measured is not None else "predicted"
+                cand.notes = (cand.notes + f"; not scored: {kind} no faster than exact here").lstrip("; ")
+            elif cand is not exact and st is not None and st.q:
                 try:
                     rel, cos = measure_candidate_error(site, cand, st)
                 except Exception as e:  # noqa: BLE001  (a broken candidate is skipped, with its reason)
@@ -91,20 +116,8 @@ def build_options(
                     cand.notes = (cand.notes + f"; failed: {e}").lstrip("; ")
             rel = math.inf if rel is None else rel
             cand.error = rel
-            t1 = time.perf_counter()
-            predicted = predict_latency(site, cand, profile)
-            measured = None
-            worth_timing = math.isfinite(rel) and (measure is True or (measure == "auto" and rel <= bound))
-            if worth_timing:
-                q, k, v, mask = _timing_inputs(site, st)
-                try:
-                    measured = measure_latency(site, cand, q, k, v, mask)
-                except NotImplementedError as e:
-                    log.info("attnopt: not timing %s at %s: %s", cand.label, name, e)
-            t2 = time.perf_counter()
-            timings["errors"] = timings.get("errors", 0.0) + (t1 - t0)
-            timings["latency"] = timings.get("latency", 0.0) + (t2 - t1)
-            seconds = measured if measured is not None else predicted
+            timings["latency"] = timings.get("latency", 0.0) + (t1 - t0)
+            timings["errors"] = timings.get("errors", 0.0) + (time.perf_counter() - t1)
             error = _metric_error(budget, rel, cos)
             site_opts.append(
                 Option(name, cand, seconds, error, predicted=predicted, measured=measured, cosine=cos)
@@ -114,6 +127,9 @@ def build_options(
 
 
 def _entry(site: AttentionSite, opt: Option, exact: Option) -> PlanEntry:
+    from attnopt.replacements.base import get_family
+
+    decodes = opt.family != "exact" and get_family(opt.family).decode_form(opt.candidate.config)
     return PlanEntry(
         site=site.name,
         family=opt.family,
@@ -126,6 +142,7 @@ def _entry(site: AttentionSite, opt: Option, exact: Option) -> PlanEntry:
         error=opt.candidate.error or 0.0,
         cosine=opt.cosine,
         notes=opt.candidate.notes,
+        decode="family" if decodes else "exact",
     )
 
 
@@ -157,9 +174,10 @@ def make_plan(
         stats: site name → calibration stats; errors are measured on them (else taken from
             ``Candidate.error``; a candidate with no error is never chosen).
         profile: a :class:`DeviceProfile` or target name for :func:`get_profile` (None = local).
-        measure: ``True`` times every candidate on the site's shape and plans with measured
-            times; ``"auto"`` times only the candidates within the per-site error bound (the
-            only ones the solver may pick); ``False`` plans with predictions alone.
+        measure: ``True`` times every candidate on the site's shape (in interleaved pairs with
+            exact attention) and plans with measured times; ``"auto"`` does the same with 3 pairs
+            instead of 5, and stops timing a candidate after one pair once it is 1.25x slower than
+            exact (it cannot be chosen); ``False`` plans with predictions alone.
         other_seconds: non-attention time per forward (for ``scope="model"``).
         max_total_error, families, exclude, pin: see :func:`~attnopt.cost_model.planner.solve_assignment`.
         with_pareto: also compute the Pareto front (one extra MILP per point).

@@ -159,6 +159,21 @@ class Family(ABC):
     ) -> torch.Tensor:
         """What the variant computes, written plainly; the ground truth for its kernels."""
 
+    def decode_form(self, config: FamilyConfig) -> bool:
+        """Whether ``config`` has its own decode form: a one-query step (against a KV cache) run
+        by the family's kernel with the same semantics as prefill, e.g. sink+window key
+        selection for streaming heads. ``False`` (the default): decode steps run exact attention.
+        """
+        return False
+
+    def from_exact(self, candidate: Candidate, exact: torch.Tensor) -> torch.Tensor | None:
+        """The variant's output computed from exact attention's output, for variants that are a
+        function of it (head pruning zeroes heads); ``None`` (the default) when it is not.
+
+        Error measurement computes exact attention anyway; this spares it a second dense pass.
+        """
+        return None
+
     @abstractmethod
     def cost(self, site: AttentionSite, config: FamilyConfig) -> CostFormula:
         """FLOPs and bytes of the variant as formulas of the shape."""

@@ -419,11 +419,15 @@ class HeadPrunedFamily(Family):
 
     def reference(self, q, k, v, candidate, *, scale, causal, attn_mask=None, window=None):  # noqa: ANN001
         """Exact attention with the pruned heads' outputs set to zero."""
-        keep = candidate.params[0] if candidate.params else torch.tensor(candidate.config.keep)
-        alive = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
-        alive[keep.to(q.device)] = True
         out = attention_reference(q, k, v, attn_mask, scale=scale, causal=causal, window=window)
-        return out * alive.view(1, -1, 1, 1).to(out.dtype)
+        return self.from_exact(candidate, out)
+
+    def from_exact(self, candidate: Candidate, exact: torch.Tensor) -> torch.Tensor:
+        """``exact`` ``(B, H, N, Dv)`` with the pruned heads' outputs set to zero."""
+        keep = candidate.params[0] if candidate.params else torch.tensor(candidate.config.keep)
+        alive = torch.zeros(exact.shape[1], dtype=torch.bool, device=exact.device)
+        alive[keep.to(exact.device)] = True
+        return exact * alive.view(1, -1, 1, 1).to(exact.dtype)
 
     def cost(self, site: Any, config: FamilyConfig) -> CostFormula:
         """Dense attention with ``H`` and ``Hkv`` scaled by the kept shares."""

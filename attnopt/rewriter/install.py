@@ -4,27 +4,39 @@
 Face model still ``generate()``s. The module's ``forward`` is replaced (on the instance only)
 by a dynamo-captured version whose backend rewrites the attention sites per the plan and runs
 the rest of the graph as the model wrote it. Shapes the plan has not seen are captured anew;
-anything dynamo cannot capture runs eagerly, unchanged. :func:`uninstall` restores the module.
+anything dynamo cannot capture runs eagerly, unchanged. Under ``torch.export`` the original
+``forward`` is traced with the plan's SDPA sites routed to attnopt operators
+(:mod:`attnopt.rewriter.export_mode`). :func:`uninstall` restores the module.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import torch
 
 from attnopt.rewriter.backend import ChoiceFn, RewriteBackend
+from attnopt.rewriter.export_mode import planned_sdpa
+from attnopt.rewriter.rewrite import Choice
 
 __all__ = ["install", "uninstall", "uninstall_all", "installed_backend", "installed_backends"]
 
 _ATTR = "_attnopt_backend"
 
 
-def install(model: torch.nn.Module, choose: ChoiceFn, prefix: str = "") -> torch.nn.Module:
+def install(
+    model: torch.nn.Module,
+    choose: ChoiceFn,
+    prefix: str = "",
+    choices: Mapping[str, Choice] | None = None,
+) -> torch.nn.Module:
     """Make ``model.forward`` run with attention rewritten by ``choose``; returns ``model``.
 
     ``prefix`` is ``model``'s path inside the user's model when a plan is installed on a
-    captured part (see :func:`attnopt.rewriter.capture.capture_parts`).
+    captured part (see :func:`attnopt.rewriter.capture.capture_parts`). ``choices`` (the plan
+    per site name) also makes ``torch.export.export(model, ...)`` produce the plan's operators
+    for sites written with ``scaled_dot_product_attention`` (see :mod:`attnopt.rewriter.export_mode`).
     """
     uninstall(model)
     import torch._dynamo
@@ -42,6 +54,10 @@ def install(model: torch.nn.Module, choose: ChoiceFn, prefix: str = "") -> torch
         previous = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
+            if choices is not None and torch.compiler.is_exporting():
+                # torch.export traces the Python forward, not the compiled graph: route the
+                # planned SDPA calls to attnopt operators while it does.
+                return planned_sdpa(model, choices, prefix, lambda: original(*args, **kwargs))
             return compiled(*args, **kwargs)
         finally:
             torch.backends.mha.set_fastpath_enabled(previous)

@@ -32,6 +32,11 @@ aten = torch.ops.aten
 _REWRITE_IDS = itertools.count()
 
 
+def next_rewrite_id() -> int:
+    """A fresh id for one rewritten call site (keys the operator's per-site mask cache)."""
+    return next(_REWRITE_IDS)
+
+
 class RewriteError(RuntimeError):
     """A site could not be rewritten; the message names the pass and the node."""
 
@@ -118,7 +123,7 @@ def _op_config(site: AttentionSite, choice: Choice, m: SiteMatch) -> str:
         "site": site.name,
         # Unique per rewritten site: the operator caches per-shape facts about static masks
         # under this key, and two models (or two captures) may share site names.
-        "rewrite_id": next(_REWRITE_IDS),
+        "rewrite_id": next_rewrite_id(),
         "family": choice.family,
         "config": choice.config,
         "mask_static": site.mask_static,

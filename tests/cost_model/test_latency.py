@@ -96,3 +96,33 @@ def test_head_pruned_counts_kept_heads():
     assert kept_heads(cand, 4) == 2
     q, k, v = (torch.randn(1, 4, 64, 16) for _ in range(3))
     assert measure_latency(site, cand, q, k, v, repeats=2) > 0
+
+
+def test_paired_ratio_sees_a_slower_function_and_gives_up_early():
+    import time
+
+    from attnopt.cost_model._timing import paired_ratio
+
+    calls = {"slow": 0}
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.004)
+
+    ratio = paired_ratio(slow, lambda: time.sleep(0.001), warmup=0, repeats=5)
+    assert 2.0 < ratio < 20.0
+    calls["slow"] = 0
+    paired_ratio(slow, lambda: time.sleep(0.001), warmup=0, repeats=5, give_up_above=1.5)
+    assert calls["slow"] == 1  # one pair was enough to know
+    with pytest.raises(ValueError, match="repeats"):
+        paired_ratio(slow, slow, repeats=0)
+
+
+def test_measure_relative_of_exact_against_itself_is_about_one():
+    from attnopt.cost_model.latency import measure_relative
+
+    site = make_site(heads=2, seq=256, head_dim=32, causal=True)
+    cand = ExactFamily().candidates(site, None)[0]
+    q, k, v = (torch.randn(1, 2, 256, 32) for _ in range(3))
+    # generous: the machine is shared; what matters is that it is a ratio, not seconds
+    assert 0.3 < measure_relative(site, cand, cand, q, k, v, repeats=5, cache=False) < 3.0

@@ -185,3 +185,20 @@ def test_make_plan_never_chooses_unmeasured_candidates():
     cands = _candidates(sites, density=0.1, error=None)
     plan = make_plan(sites, cands, Budget(max_error=0.5), profile=SEED_PROFILES["a100"], with_pareto=False)
     assert all(e.family == "exact" for e in plan.entries)
+
+
+def test_candidates_no_faster_than_exact_are_not_error_scored():
+    """Under measurement, a candidate slower than exact is dominated: no error runs, never chosen."""
+    from attnopt.cost_model.planning import build_options
+    from attnopt.replacements.base import get_family
+
+    site = make_site("m.attn#0", heads=2, seq=256, head_dim=32, causal=True)
+    st = make_stats(site, num_samples=1)
+    # fp8 e4m3 attention has no CPU hardware path: its emulation is >10x slower than SDPA here
+    fp8 = [c for c in get_family("quantized").candidates(site, st) if c.config.qk_format == "fp8_e4m3"]
+    opts = build_options({site.name: site}, {site.name: fp8}, Budget(speedup=2.0), SEED_PROFILES["h100"],
+                         stats={site.name: st}, measure="auto")  # fmt: skip
+    by_family = {o.candidate.family: o for o in opts[site.name]}
+    slow = by_family["quantized"]
+    assert slow.measured is not None and slow.measured >= by_family["exact"].measured
+    assert slow.error == float("inf") and "not scored: measured no faster than exact" in slow.candidate.notes

@@ -303,3 +303,41 @@ def test_exact_only_model_lowers_past_the_torch_dialect(output_type):
     text = export_mlir(layer, (x,), output_type=output_type)
     assert "attnopt" not in text and "torch.aten" not in text  # fully lowered
     assert ("linalg." if output_type == "linalg-on-tensors" else "tosa.") in text
+
+
+def test_plain_torch_export_of_an_optimised_model_holds_the_plans_operators(tmp_path):
+    """``torch.export.export(optimized_model, ...)`` itself (not only attnopt.export) carries the plan."""
+    torch.manual_seed(3)
+    model = _tiny_llama()
+    call = _llama_call(32)
+    attnopt.optimize(model, "1x", calib=[call])
+    _set_entries(model, {1: ("quantized", QuantizedConfig().to_json(), [])})
+    program = torch.export.export(model, (), call)
+    assert _families(program) == ["exact", "quantized"]
+    assert not any(n.target == torch.ops.aten.scaled_dot_product_attention.default for n in program.graph.nodes)
+    fresh = _llama_call(32)
+    with torch.no_grad():
+        want = _main_output(model(**fresh))  # the optimised model's own kernels
+        torch.testing.assert_close(_main_output(program.module()(**fresh)), want)
+        torch.export.save(program, tmp_path / "plain.pt2")
+        loaded = torch.export.load(tmp_path / "plain.pt2")
+        assert _families(loaded) == ["exact", "quantized"]
+        torch.testing.assert_close(_main_output(loaded.module()(**fresh)), want)
+
+
+def test_plain_torch_export_warns_about_hand_written_attention():
+    """Eager (matmul/softmax) attention has no call to route: exported as written, with a warning."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    call = _llama_call(16)
+    attnopt.optimize(model, "1x", calib=[call])
+    _set_entries(model, {0: ("quantized", QuantizedConfig().to_json(), [])})
+    site = model._attnopt_sites[0].name
+    with pytest.warns(UserWarning, match=re.escape(site) + ".*attnopt.export"):
+        program = torch.export.export(model, (), call)
+    assert _families(program) == []
+    assert _families(export(model, call)) == ["quantized"]  # attnopt.export rewrites the graph instead

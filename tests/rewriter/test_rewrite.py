@@ -134,3 +134,38 @@ def test_sdpa_top_left_causal_semantics_are_kept_when_lengths_differ():
     model = TopLeft()
     attnopt.optimize(model, "1x", calib=[(q, k, v)])
     torch.testing.assert_close(model(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("decode", ["family", "exact"])
+def test_decode_steps_run_the_decode_form_the_plan_names(decode, monkeypatch):
+    """Static sink+window heads can decode over their window (StreamingLLM); the plan says so per site."""
+    from attnopt.codegen import ops
+    from attnopt.cost_model.plan import PlanEntry
+    from attnopt.pipeline import install_plan
+    from attnopt.replacements.block_sparse import BlockSparseConfig
+
+    torch.manual_seed(5)
+    model = _tiny_llama("sdpa")
+    attnopt.optimize(model, "1x", calib=[{"input_ids": torch.randint(0, 64, (1, 24)), "use_cache": False}])
+    cfg = BlockSparseConfig(mode="static", sink=1, windows=(3,), min_window=1, calib_len=24).to_json()
+    plan = model._attnopt_plan
+    plan.entries = [PlanEntry(site=e.site, family="block_sparse", config=cfg, decode=decode) for e in plan.entries]
+    install_plan(model, plan, model._attnopt_sites)
+    kernel = ops.KERNELS[("block_sparse", "cpu")]
+    query_lengths = []
+
+    def counting(call):
+        query_lengths.append(call.q.shape[-2])
+        return kernel(call)
+
+    monkeypatch.setitem(ops.KERNELS, ("block_sparse", "cpu"), counting)
+    prompt = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        got = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        # the same sink+window semantics without a KV cache: each step a full forward
+        seq = prompt
+        for _ in range(6):
+            seq = torch.cat([seq, model(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert (1 in query_lengths) == (decode == "family")
+    if decode == "family":
+        assert torch.equal(got, seq)

@@ -9,19 +9,19 @@ near its peak (the CPU flash kernel on small masked blocks runs at a fifth of it
   an additive bias (built once per shape, cached) masks the two partial edges of the band,
   softmax runs in place, and one ``bmm`` with the matching view of ``v`` writes the output
   straight into place. Sink keys, when asked for, are copied in front of each chunk's band.
-  Rows whose band would start before key 0 (the first ``W`` rows) and the ragged tail are
-  computed densely with an explicit mask (they are a small share of the work).
+  Rows whose band would start before key 0 (the first ``W`` rows) run as causal SDPA, and the
+  ragged tail densely over only the keys it can see (they are a small share of the work).
 * **layout** (dynamic selection, skip-softmax, any :class:`BlockLayout`): every (batch, head,
   query block) row of the layout is flattened and sorted by its number of key blocks; each tile
   of rows gathers its key/value blocks with one ``index_select``, is scored with one
   ``baddbmm``, masked by the layout's element rule, softmaxed and multiplied with the gathered
   values (GQA: rows index their key/value head, nothing is repeated).
 
-Parallelism: independent items (a (batch, kv head) of the band path, a tile of rows of the
-layout path) run on a pool of ``torch.get_num_threads()`` Python threads, each issuing
-single-threaded ops (:data:`PARALLEL_ITEMS`); torch's thread count is set to 1 for the duration
-and restored. Scratch buffers are cached per thread: on the small VMs this project runs on,
-first-touch page faults of a fresh 80 MB score buffer cost more than the softmax over it.
+Parallelism: torch's threaded ops by default; optionally independent items (a (batch, kv head,
+window) of the band path, a tile of rows of the layout path) run on a pool of Python threads
+issuing single-threaded ops (:data:`PARALLEL_ITEMS`). Different windows per head run in one
+call. Scratch buffers are cached per thread: on the small VMs this project runs on, first-touch
+page faults of a fresh 80 MB score buffer cost more than the softmax over it.
 
 Measured (benchmarks/results/cpu_block_sparse.md, 2-core AMD EPYC, B=1, H=8, D=64, fp32,
 causal N=4096, window 512): 2.6x causal SDPA (median of 7 paired runs).
@@ -32,12 +32,12 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from attnopt.codegen.ops import AttentionCall, exact_attention, register_kernel
+from attnopt.codegen.ops import AttentionCall, register_kernel
 from attnopt.replacements.block_layout import BlockLayout, ElementRule
 from attnopt.replacements.block_sparse import BlockSparseConfig, layout_for, static_windows
 from attnopt.replacements.exact import combined_allowed
@@ -54,12 +54,14 @@ DEFAULT_CHUNK = 64
 #: share the two cores (every op is an OpenMP barrier).
 _MAX_TILE = 4 * 1024 * 1024
 
-#: Run independent (batch, kv head) items on a pool of ``torch.get_num_threads()`` Python threads,
-#: each running single-threaded ops. On the 2-core VMs this project uses, OpenMP barriers
-#: between many mid-sized ops cost more than the ops whenever another process shares the cores
-#: (measured: 0.9x vs SDPA with threaded ops, 2.5x with this, under load ~6). Set False to use
-#: threaded ops instead (e.g. when something else in the process relies on the thread count).
-PARALLEL_ITEMS = True
+#: Run independent items on a pool of ``torch.get_num_threads()`` Python threads, each running
+#: single-threaded ops, instead of running them in order with torch's own threaded ops. Off by
+#: default: measured on the 2-core VM (B=1, H=4, Hkv=2, N=2048, D=64, sink 4, per-head windows
+#: [87, 252, 276, 408]) the pool gives 1.43x SDPA and threaded ops 1.73x, because switching torch's
+#: thread count for the pool makes the next threaded op respawn its OpenMP team (about 3 ms). Under
+#: heavy load from other processes (load average ~6) the pool measured better (2.5x vs 0.9x at
+#: H=8, N=4096): every threaded op is an OpenMP barrier that one descheduled thread stalls.
+PARALLEL_ITEMS = False
 
 _NEG_INF = float("-inf")
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -159,29 +161,41 @@ def _rule_allowed(rule: ElementRule, qpos: torch.Tensor, kpos: torch.Tensor) -> 
     return allowed
 
 
-def _dense_rows(q, k, v, out, mask, *, scale, rows, keys, offset, window, sink) -> None:
-    """Plain masked attention of query rows ``rows`` over key range ``keys``, written into ``out``.
+def _dense_rows(qh, kh, vh, mh, *, scale, rows, offset, window, sink) -> torch.Tensor:
+    """Masked attention of query rows ``rows`` of one item's heads over only the keys they can see.
 
-    Used for the band's head (rows whose band would start before key 0) and ragged tail.
+    ``qh``: ``(G, Nq, D)`` heads sharing the key/value head ``kh`` ``(Nk, D)`` / ``vh`` ``(Nk, Dv)``;
+    ``mh``: their extra additive mask ``(G, Nq, Nk)`` or None. Keys visited are the sinks plus the
+    run from the first row's window start to the last row's position, so the band's head rows,
+    ragged tail and short sequences cost ``rows x (window + rows)``, not ``rows x Nk``.
+    Returns ``(G, rows, Dv)``.
     """
     r0, r1 = rows
-    k0, k1 = keys
-    if r1 <= r0:
-        return
-    groups = q.shape[1] // k.shape[1]
-    qpos = torch.arange(r0, r1, device=q.device)[:, None] + offset
-    kpos = torch.arange(k0, k1, device=q.device)[None, :]
-    rule = ElementRule(causal=True, window=(window,), sink=sink)
-    bias = torch.zeros(qpos.shape[0], kpos.shape[1], dtype=q.dtype).masked_fill_(
-        ~_rule_allowed(rule, qpos, kpos), _NEG_INF
-    )
-    b, hq = q.shape[0], q.shape[1]
-    qs = q[:, :, r0:r1].reshape(b, k.shape[1], groups, r1 - r0, q.shape[-1])
-    s = torch.matmul(qs, k[:, :, None, k0:k1].transpose(-1, -2)).mul_(scale).add_(bias)
-    if mask is not None:
-        s = s + mask[..., r0:r1, k0:k1].reshape(*s.shape[:2], -1, *s.shape[-2:])
-    p = torch.softmax(s, dim=-1)
-    out[:, :, r0:r1] = torch.matmul(p, v[:, :, None, k0:k1]).reshape(b, hq, r1 - r0, v.shape[-1])
+    g, d = qh.shape[0], qh.shape[-1]
+    nk = kh.shape[0]
+    lo, hi = max(0, r0 + offset - window + 1), min(nk, r1 + offset)
+    keys = torch.arange(lo, hi, device=qh.device)
+    if sink and lo > 0:
+        keys = torch.cat([torch.arange(min(sink, lo), device=qh.device), keys])
+        ks, vs = kh.index_select(0, keys), vh.index_select(0, keys)
+    else:
+        ks, vs = kh[lo:hi], vh[lo:hi]
+    qpos = torch.arange(r0, r1, device=qh.device)[:, None] + offset
+    allowed = _rule_allowed(ElementRule(causal=True, window=(window,), sink=sink), qpos, keys[None, :])
+    bias = torch.zeros(allowed.shape, dtype=qh.dtype, device=qh.device).masked_fill_(~allowed, _NEG_INF)
+    s = torch.mm(qh[:, r0:r1].reshape(g * (r1 - r0), d), ks.t()).mul_(scale).view(g, r1 - r0, -1).add_(bias)
+    if mh is not None:
+        s.add_(mh[:, r0:r1].index_select(-1, keys))
+    p = torch.softmax(s, dim=-1).view(g * (r1 - r0), -1)
+    return torch.mm(p, vs).view(g, r1 - r0, vs.shape[-1])
+
+
+def _as_windows(window: int | Sequence[int], heads: int) -> list[int]:
+    """One window per query head (an int applies to all of them)."""
+    windows = [int(window)] * heads if isinstance(window, int) else [int(w) for w in window]
+    if len(windows) != heads:
+        raise ValueError(f"Expected one window per query head ({heads}), but got {len(windows)} windows.")
+    return windows
 
 
 def band_attention(
@@ -190,88 +204,113 @@ def band_attention(
     v: torch.Tensor,
     *,
     scale: float,
-    window: int,
+    window: int | Sequence[int],
     sink: int = 0,
     attn_mask: torch.Tensor | None = None,
     chunk: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal (bottom-right) attention where query ``p`` sees keys ``(p - window, p]`` and keys ``< sink``.
+    """Causal (bottom-right) attention where query ``p`` of head ``h`` sees keys ``(p - window[h], p]`` and keys ``< sink``.
 
     Args:
         q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``; v: ``(B, Hkv, Nk, Dv)``; GQA when ``Hkv < Hq``.
-        window: keys per query counted including the diagonal (``>= 1``).
+        window: keys per query counted including the diagonal (``>= 1``): one int for every head,
+            or one per query head (heads of one key/value head with equal windows share matmuls).
         sink: leading keys every query sees in addition to its window.
         attn_mask: extra bool/additive mask broadcastable to ``(B, Hq, Nq, Nk)``, applied inside the band.
         chunk: query rows per chunk (``C``); ``None`` reads :data:`DEFAULT_CHUNK` at call time.
-        out: optional ``(B, Hq, Nq, Dv)`` tensor to write into.
+        out: optional contiguous ``(B, Hq, Nq, Dv)`` tensor to write into.
 
     Returns:
         ``(B, Hq, Nq, Dv)``; equals ``attention_reference`` with the same allowed map.
     """
-    b, hq, nq, d = q.shape
+    b, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     groups = hq // hkv
     chunk = DEFAULT_CHUNK if chunk is None else chunk
-    if window < 1 or chunk < 1:
-        raise ValueError(f"Expected window >= 1 and chunk >= 1, but got window={window}, chunk={chunk}.")
-    if out is None:
+    windows = _as_windows(window, hq)
+    if min(windows) < 1 or chunk < 1:
+        raise ValueError(f"Expected windows >= 1 and chunk >= 1, but got windows={windows}, chunk={chunk}.")
+    if out is None or not out.is_contiguous():
         out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
     mask = _additive(attn_mask, q.dtype)
     if mask is not None:
         mask = mask.expand(b, hq, nq, nk)
-    offset = nk - nq
-    window = min(window, nk)
-    sink = min(sink, nk)
-    band = chunk + window - 1
-    first = max(0, min(nq, window - 1 - offset))  # first row whose band starts at key >= 0
-    nchunks = (nq - first) // chunk
-    tail = first + nchunks * chunk
-    if mask is None and offset == 0 and first > 0:
-        # Rows before the first full window see every earlier key: plain causal attention, where
-        # SDPA's flash kernel skips the upper triangle (half the work of a masked dense block).
-        out[:, :, :first] = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, :first],
-            k[:, :, :first],
-            v[:, :, :first],
-            is_causal=True,
-            scale=scale,
-            enable_gqa=groups > 1,
-        )
-    else:
-        _dense_rows(q, k, v, out, mask, scale=scale, rows=(0, first), keys=(0, min(nk, first + offset)),
-                    offset=offset, window=window, sink=sink)  # fmt: skip
-    _dense_rows(q, k, v, out, mask, scale=scale, rows=(tail, nq), keys=(0, nk), offset=offset, window=window,
-                sink=sink)  # fmt: skip
-    if nchunks == 0:
-        return out
-    k = k.contiguous()
-    v = v.contiguous()
-    q = q.contiguous()
-    lo, hi = _band_bias(chunk, window, sink, q.dtype)
-    rows = groups * chunk
-    extra = sink if sink else 0
-    width = band + extra
-    step = max(1, min(nchunks, _MAX_TILE // (rows * width)))
-    sink_bias = _sink_bias(chunk, window, sink, first + offset, nchunks, q.dtype) if sink else None
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    job = _Band(q, k, v, out, mask, scale=scale, sink=min(sink, nk), chunk=chunk, offset=nk - nq)
+    items = []
+    for bi in range(b):
+        for kh in range(hkv):
+            same: dict[int, list[int]] = {}
+            for h in range(kh * groups, (kh + 1) * groups):
+                same.setdefault(min(windows[h], nk), []).append(h)
+            items += [(bi, kh, tuple(heads), w) for w, heads in same.items()]
+    _run_items(items, job.item)
+    if mask is not None:
+        out.nan_to_num_(0.0)  # rows the extra mask empties entirely
+    return out
 
-    def head(bi: int, kh: int) -> None:
-        s_buf = _buffer("band_s", step * rows * width, q.dtype, q.device)
-        o_buf = _buffer("band_o", step * rows * dv, q.dtype, q.device) if groups > 1 else None
+
+class _Band:
+    """One band-attention call, split into items: (batch, key/value head, query heads sharing a window)."""
+
+    def __init__(self, q, k, v, out, mask, *, scale: float, sink: int, chunk: int, offset: int):
+        self.q, self.k, self.v, self.out, self.mask = q, k, v, out, mask
+        self.scale, self.sink, self.chunk, self.offset = scale, sink, chunk, offset
+
+    def item(self, bi: int, kh: int, heads: tuple[int, ...], window: int) -> None:
+        """Attention of query heads ``heads`` (all on key/value head ``kh``) of batch ``bi`` with one window."""
+        q, out, mask, offset, chunk = self.q, self.out, self.mask, self.offset, self.chunk
+        nq, dv = q.shape[2], self.v.shape[-1]
+        h0, g = heads[0], len(heads)
+        run = heads == tuple(range(h0, h0 + g))
+        index = None if run else torch.tensor(heads, device=q.device)
+        qh = q[bi, h0 : h0 + g] if run else q[bi].index_select(0, index)
+        res = out[bi, h0 : h0 + g] if run else torch.empty(g, nq, dv, dtype=q.dtype, device=q.device)
+        mh = None if mask is None else (mask[bi, h0 : h0 + g] if run else mask[bi].index_select(0, index))
+        kh_, vh_ = self.k[bi, kh], self.v[bi, kh]
+        rows_kw = dict(scale=self.scale, offset=offset, window=window, sink=self.sink)
+        first = max(0, min(nq, window - 1 - offset))  # first row whose band starts at key >= 0
+        nchunks = (nq - first) // chunk
+        tail = first + nchunks * chunk
+        if first and mh is None and offset == 0:
+            # Rows before the first full window see every earlier key: plain causal attention, where
+            # SDPA's flash kernel skips the upper triangle (half the work of a masked dense block).
+            res[:, :first] = torch.nn.functional.scaled_dot_product_attention(
+                qh[None, :, :first], kh_[None, None, :first], vh_[None, None, :first],
+                is_causal=True, scale=self.scale, enable_gqa=g > 1,
+            )[0]  # fmt: skip
+        elif first:
+            res[:, :first] = _dense_rows(qh, kh_, vh_, mh, rows=(0, first), **rows_kw)
+        if tail < nq:
+            res[:, tail:] = _dense_rows(qh, kh_, vh_, mh, rows=(tail, nq), **rows_kw)
+        if nchunks:
+            self._chunks(qh, kh_, vh_, mh, res, bi, heads, window, first, nchunks)
+        if not run:
+            out[bi].index_copy_(0, index, res)
+
+    def _chunks(self, qh, kbase, vbase, mh, res, bi, heads, window, first, nchunks) -> None:
+        """The band proper: rows ``[first, first + nchunks * C)``, a few chunks per batched matmul."""
+        chunk, sink, offset = self.chunk, self.sink, self.offset
+        g, d, dv, dtype, device = qh.shape[0], qh.shape[-1], vbase.shape[-1], qh.dtype, qh.device
+        lo, hi = _band_bias(chunk, window, sink, dtype)
+        band = chunk + window - 1
+        rows = g * chunk
+        width = band + sink
+        step = max(1, min(nchunks, _MAX_TILE // (rows * width)))
+        sink_bias = _sink_bias(chunk, window, sink, first + offset, nchunks, dtype) if sink else None
+        s_buf = _buffer("band_s", step * rows * width, dtype, device)
+        o_buf = _buffer("band_o", step * rows * dv, dtype, device) if g > 1 else None
         if sink:
-            kb = _buffer("band_k", step * width * d, q.dtype, q.device)
-            vb = _buffer("band_v", step * width * dv, q.dtype, q.device)
-        kbase, vbase = k[bi, kh], v[bi, kh]
-        qh = q[bi, kh * groups : (kh + 1) * groups, first:tail].reshape(groups, nchunks, chunk, d)
+            kb = _buffer("band_k", step * width * d, dtype, device)
+            vb = _buffer("band_v", step * width * dv, dtype, device)
+        qv = qh[:, first : first + nchunks * chunk].reshape(g, nchunks, chunk, d)
         for c0 in range(0, nchunks, step):
             n = min(step, nchunks - c0)
             key0 = first + offset + c0 * chunk - window + 1
             kview = kbase.as_strided((n, band, d), (chunk * d, d, 1), kbase.storage_offset() + key0 * d)
             vview = vbase.as_strided((n, band, dv), (chunk * dv, dv, 1), vbase.storage_offset() + key0 * dv)
-            if groups == 1:
-                qc = qh[0, c0 : c0 + n]
-            else:
-                qc = qh[:, c0 : c0 + n].transpose(0, 1).reshape(n, rows, d)
+            qc = qv[0, c0 : c0 + n] if g == 1 else qv[:, c0 : c0 + n].transpose(0, 1).reshape(n, rows, d)
             s = s_buf[: n * rows * width].view(n, rows, width)
             if sink:
                 kcat = kb[: n * width * d].view(n, width, d)
@@ -281,30 +320,24 @@ def band_attention(
                 vcat[:, :sink] = vbase[:sink]
                 vcat[:, sink:] = vview
                 kview, vview = kcat, vcat
-            torch.baddbmm(s, qc, kview.transpose(-1, -2), beta=0.0, alpha=scale, out=s)
-            sb = s[:, :, extra:].view(n, groups, chunk, band)
+            torch.baddbmm(s, qc, kview.transpose(-1, -2), beta=0.0, alpha=self.scale, out=s)
+            sb = s[:, :, sink:].view(n, g, chunk, band)
             if chunk > 1:
                 sb[..., : chunk - 1].add_(lo)
             sb[..., window:].add_(hi)
             if sink:
-                s[:, :, :extra].view(n, groups, chunk, sink).add_(sink_bias[c0 : c0 + n, None])
-            if mask is not None:
-                _add_band_mask(s, mask, bi, kh, groups, first + c0 * chunk, key0, n, chunk, band, extra)
-            torch.ops.aten._softmax.out(s, -1, False, out=s)
+                s[:, :, :sink].view(n, g, chunk, sink).add_(sink_bias[c0 : c0 + n, None])
             row0 = first + c0 * chunk
-            if groups == 1:
-                dst = out[bi, kh, row0 : row0 + n * chunk].view(n, chunk, dv)
-                torch.bmm(s, vview, out=dst)
+            if mh is not None:
+                _add_band_mask(s, mh, row0, key0, n, chunk, band, sink)
+            torch.ops.aten._softmax.out(s, -1, False, out=s)
+            dst = res[:, row0 : row0 + n * chunk].view(g, n, chunk, dv)
+            if g == 1:
+                torch.bmm(s, vview, out=dst[0])
             else:
                 o = o_buf[: n * rows * dv].view(n, rows, dv)
                 torch.bmm(s, vview, out=o)
-                dst = out[bi, kh * groups : (kh + 1) * groups, row0 : row0 + n * chunk]
-                dst.copy_(o.view(n, groups, chunk, dv).transpose(0, 1).reshape(groups, n * chunk, dv))
-
-    _run_items([(bi, kh) for bi in range(b) for kh in range(hkv)], head)
-    if mask is not None:
-        out.nan_to_num_(0.0)  # rows the extra mask empties entirely
-    return out
+                dst.copy_(o.view(n, g, chunk, dv).transpose(0, 1))
 
 
 def _sink_bias(chunk: int, window: int, sink: int, pos0: int, nchunks: int, dtype) -> torch.Tensor:
@@ -318,18 +351,19 @@ def _sink_bias(chunk: int, window: int, sink: int, pos0: int, nchunks: int, dtyp
     return _BIASES[key][0]
 
 
-def _add_band_mask(s, mask, bi, kh, groups, row0, key0, n, chunk, band, extra) -> None:
-    """Add the extra mask's band entries to the score tile (as a strided view, no gather)."""
-    for g in range(groups):
-        m = mask[bi, kh * groups + g]
+def _add_band_mask(s, mh, row0, key0, n, chunk, band, extra) -> None:
+    """Add the extra mask's band entries (``mh``: ``(G, Nq, Nk)``) to the score tile, as strided views (no gather)."""
+    g = mh.shape[0]
+    for gi in range(g):
+        m = mh[gi]
         sr, sc = m.stride()
         view = m.as_strided(
             (n, chunk, band), (chunk * (sr + sc), sr, sc), m.storage_offset() + row0 * sr + key0 * sc
         )
-        s[:, :, extra:].view(n, groups, chunk, band)[:, g].add_(view)
+        s[:, :, extra:].view(n, g, chunk, band)[:, gi].add_(view)
         if extra:
             sview = m.as_strided((n, chunk, extra), (chunk * sr, sr, sc), m.storage_offset() + row0 * sr)
-            s[:, :, :extra].view(n, groups, chunk, extra)[:, g].add_(sview)
+            s[:, :, :extra].view(n, g, chunk, extra)[:, gi].add_(sview)
 
 
 def layout_attention(
@@ -453,50 +487,17 @@ def _config(call: AttentionCall) -> BlockSparseConfig:
 
 
 def _static(call: AttentionCall, cfg: BlockSparseConfig) -> torch.Tensor:
-    q, k, v = call.q, call.k, call.v
-    if not call.causal:
+    # A decode step (one query at the end of the keys) that sees every key *is* causal.
+    if not call.causal and call.q.shape[-2] != 1:
         raise ValueError(
             f"Expected a causal call for static sink+window mode (site {call.config.get('site', '?')}), but got "
             "is_causal=False. Plan this site with mode='dynamic' instead."
         )
-    b, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    groups = hq // hkv
-    windows = static_windows(cfg, nk, hq)
+    windows = static_windows(cfg, call.k.shape[2], call.q.shape[1])
     if call.window:
         windows = [min(w, call.window) for w in windows]
-    out = torch.empty(b, hq, nq, v.shape[-1], dtype=q.dtype, device=q.device)
-    by_window: dict[int, list[int]] = {}
-    for h, w in enumerate(windows):
-        by_window.setdefault(w, []).append(h)
-    mask = call.attn_mask
-    for w, heads in by_window.items():
-        whole = len(heads) == hq
-        if whole:
-            qs, ks, vs, ms = q, k, v, mask
-        else:
-            hidx = torch.tensor(heads, device=q.device)
-            kv_heads = sorted({h // groups for h in heads})
-            aligned = len(heads) == len(kv_heads) * groups
-            kidx = torch.tensor(kv_heads if aligned else [h // groups for h in heads], device=q.device)
-            qs, ks, vs = q.index_select(1, hidx), k.index_select(1, kidx), v.index_select(1, kidx)
-            ms = (
-                None
-                if mask is None
-                else (mask.index_select(1, hidx) if mask.dim() == 4 and mask.shape[1] > 1 else mask)
-            )
-        if w >= nk:  # the window covers everything: plain causal attention
-            sub = AttentionCall(qs, ks, vs, ms, [], call.scale, True, None, call.config)
-            res = exact_attention(sub)
-        else:
-            res = band_attention(qs, ks, vs, scale=call.scale, window=w, sink=cfg.sink, attn_mask=ms,
-                                 out=out if whole else None)  # fmt: skip
-        if whole:
-            if res is not out:
-                out.copy_(res)
-        else:
-            out[:, heads] = res
-    return out
+    return band_attention(call.q, call.k, call.v, scale=call.scale, window=windows, sink=cfg.sink,
+                          attn_mask=call.attn_mask)  # fmt: skip
 
 
 @register_kernel("block_sparse", "cpu")
