@@ -230,9 +230,13 @@ def run_plan(
     plan_kwargs = dict(stats=stats, profile=target, measure=measure, families=fams, exclude=list(exclude) or None)
     plan = make_plan(sites, candidates, parsed, **plan_kwargs)
     steps: list[str] = []
-    if validate and any(e.family != "exact" for e in plan.entries):
+    if validate and (any(e.family != "exact" for e in plan.entries) or not plan.feasible):
         t = time.perf_counter()
-        plan, steps = _validate_and_tighten(model, sites, candidates, parsed, plan, held, plan_kwargs)
+        check = _end_to_end_check(model, held, parsed)
+        plan, steps = _validate_and_tighten(sites, candidates, parsed, plan, check, plan_kwargs)
+        if not plan.feasible and plan.totals.get("validated_error", 0.0) <= parsed.tolerance:
+            plan, widened = _widen(sites, candidates, parsed, plan, check, plan_kwargs)
+            steps += widened
         timings["validate"] = time.perf_counter() - t
     plan.timings = {**timings, **plan.timings}
     plan.parts = [p.path for p in parts]
@@ -256,21 +260,40 @@ def exact_plan(sites: list[AttentionSite], budget: Budget, timings: dict[str, fl
     )
 
 
-def _validate_and_tighten(model, sites, candidates, budget: Budget, plan: Plan, held, plan_kwargs) -> tuple[Plan, list[str]]:
+#: Per-site error caps tried, in order, when a speed target is out of reach within
+#: :data:`~attnopt.cost_model.planner.SITE_ERROR_CAP`. A site's relative output error is only a
+#: proxy for what the model loses (an early layer's attention may be a small part of its residual
+#: stream), so a plan with larger site errors is taken when the end-to-end check on held-out calls
+#: passes. Measured on codelm at N=2048, "2x": cap 0.15 reached 1.64x predicted (1.53x measured);
+#: cap 0.3 reached 2.05x at +1.56% bits/byte (benchmarks/results/planning.md).
+WIDER_SITE_ERROR_CAPS = (0.3, 0.6)
+
+
+def _end_to_end_check(model: torch.nn.Module, held, budget: Budget):
+    """``check(plan) -> error``: the budget's metric of ``plan`` vs exact on the held-out calls."""
+    exact_out = _run_calls(model, held)
+
+    def check(plan: Plan) -> float:
+        with overrides(_override_table(plan)):
+            planned = _run_calls(model, held)
+        return max(output_error(p, e, budget.metric) for p, e in zip(planned, exact_out))
+
+    check.calls = len(held)
+    return check
+
+
+def _validate_and_tighten(sites, candidates, budget: Budget, plan: Plan, check, plan_kwargs) -> tuple[Plan, list[str]]:
     """Check the plan end to end on held-out calls; drop the worst sites to exact until it holds."""
     from attnopt.cost_model.planning import make_plan
 
-    exact_out = _run_calls(model, held)
     pins: dict[str, str] = {}
     steps: list[str] = []
     tol = budget.tolerance
     for _ in range(len(sites) + 1):
-        with overrides(_override_table(plan)):
-            planned = _run_calls(model, held)
-        err = max(output_error(p, e, budget.metric) for p, e in zip(planned, exact_out))
+        err = check(plan)
         plan.totals["validated_error"] = err
         if err <= tol:
-            steps.append(f"validated: end-to-end {budget.metric} {err:.3g} <= {tol:g} on {len(held)} held-out call(s)")
+            steps.append(f"validated: end-to-end {budget.metric} {err:.3g} <= {tol:g} on {check.calls} held-out call(s)")
             break
         varied = [e for e in plan.entries if e.family != "exact"]
         if not varied:
@@ -285,6 +308,32 @@ def _validate_and_tighten(model, sites, candidates, budget: Budget, plan: Plan, 
         front = plan.pareto
         plan = make_plan(sites, candidates, budget, pin=dict(pins), with_pareto=False, **plan_kwargs)
         plan.pareto = front  # the front does not depend on pins; keep the one already computed
+    return plan, steps
+
+
+def _widen(sites, candidates, budget: Budget, plan: Plan, check, plan_kwargs) -> tuple[Plan, list[str]]:
+    """Re-solve an out-of-reach speed target with wider per-site error caps; keep what validates."""
+    from attnopt.cost_model.planning import make_plan
+
+    steps: list[str] = []
+    tol = budget.tolerance
+    for cap in WIDER_SITE_ERROR_CAPS:
+        if plan.feasible:
+            break
+        wider = make_plan(sites, candidates, budget, site_error_cap=cap, with_pareto=False, **plan_kwargs)
+        if wider.totals.get("speedup", 1.0) <= plan.totals.get("speedup", 1.0) * 1.01:
+            continue
+        err = check(wider)
+        said = f"per-site error cap {cap:g}: predicted {wider.totals['speedup']:.2f}x, end-to-end {budget.metric} {err:.3g}"
+        if err > tol:
+            steps.append(f"{said} > {tol:g}; kept the plan above")
+            log.info(steps[-1])
+            break
+        steps.append(f"{said} <= {tol:g}: taken")
+        log.info(steps[-1])
+        wider.totals["validated_error"] = err
+        wider.pareto = plan.pareto
+        plan = wider
     return plan, steps
 
 

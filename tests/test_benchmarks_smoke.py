@@ -67,3 +67,94 @@ def test_smoke_metrics_are_sane(smoke_report):
     # static sink+window serves the causal Llama but not the bidirectional BERT
     assert any(r["setting"].startswith("static") for r in llama["rows"])
     assert not any(r["setting"].startswith("static") for r in bert["rows"])
+
+
+# -- benchmarks/end_to_end.py --smoke ---------------------------------------------------------------------
+
+E2E_CONFIGS = {
+    "default", "sdpa_forced", "inductor", "attnopt_2x", "attnopt_4x", "attnopt_2x_compile", "attnopt_4x_compile",
+}  # fmt: skip
+
+
+def _load_end_to_end():
+    spec = importlib.util.spec_from_file_location("bench_end_to_end", ROOT / "benchmarks" / "end_to_end.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _finite_pos(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def e2e_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("end_to_end")
+    report = _load_end_to_end().main(["--smoke", "--out", str(out)])
+    return report, out
+
+
+def test_end_to_end_smoke_writes_json_and_markdown(e2e_report):
+    report, out = e2e_report
+    on_disk = json.loads((out / "end_to_end.json").read_text())
+    for key in ("benchmark", "mode", "device", "versions", "date", "model", "lengths", "configs", "target_n",
+                "timing", "attention_rule", "sdpa_backends", "rows", "targets", "wall_s"):  # fmt: skip
+        assert key in on_disk, key
+    assert on_disk["benchmark"] == "end_to_end" and on_disk["mode"] == "smoke"
+    assert on_disk["lengths"] == [256] and on_disk["target_n"] == 256
+    assert {"torch", "triton", "transformers", "attnopt"} <= set(on_disk["versions"])
+    assert on_disk["model"]["layers"] == 2 and on_disk["model"]["dtype"] == "float32"
+    assert on_disk["sdpa_backends"]["256"]["fastest"] == "n/a"  # forcing is CUDA-only
+    assert len(on_disk["rows"]) == len(report["rows"])
+    md = (out / "end_to_end.md").read_text()
+    assert "| N | config | status | attention ms |" in md and "## Targets (N=256)" in md
+    assert report["device"] in md and report["versions"]["torch"] in md
+
+
+def test_end_to_end_smoke_runs_every_configuration(e2e_report):
+    report, _ = e2e_report
+    rows = {r["config"]: r for r in report["rows"]}
+    assert set(rows) == E2E_CONFIGS and len(report["rows"]) == len(E2E_CONFIGS)
+    assert rows["sdpa_forced"]["status"] == "n/a"
+    for name in ("inductor", "attnopt_2x_compile", "attnopt_4x_compile"):
+        assert rows[name]["status"] == "skipped" and "--no-compile" in rows[name]["reason"]
+    for name in ("default", "attnopt_2x", "attnopt_4x"):
+        r = rows[name]
+        assert r["status"] == "ok", (name, r.get("reason"), r.get("traceback"))
+        assert (
+            _finite_pos(r["attention_ms"]) and _finite_pos(r["forward_ms"]) and _finite_pos(r["first_call_s"])
+        )
+        assert r["attention_calls"] == 2  # one outermost attention op per layer, nested ops not counted
+        assert sum(r["attention_ops"].values()) == 2
+        assert r["peak_mem_gib"] is None  # CPU
+        assert r["logits_finite"] is True and math.isfinite(r["logits_rel_err"])
+        assert math.isfinite(r["attention_vs_default"]) and math.isfinite(r["forward_vs_default"])
+        assert r["fastest_dense"] == "default"
+    assert set(rows["default"]["attention_ops"]) == {"aten::scaled_dot_product_attention"}
+    for name in ("attnopt_2x", "attnopt_4x"):
+        r = rows[name]
+        assert all(op.startswith("attnopt::") for op in r["attention_ops"]), r["attention_ops"]
+        assert sum(r["families"].values()) == 2 and len(r["plan_sites"]) == 2
+        assert _finite_pos(r["predicted_speedup"]) and _finite_pos(r["measured_speedup"])
+        assert math.isfinite(r["prediction_rel_err"]) and _finite_pos(r["plan_s"])
+        assert isinstance(r["feasible"], bool)
+
+
+def test_end_to_end_smoke_records_every_target(e2e_report):
+    report, _ = e2e_report
+    targets = report["targets"]
+    assert {t["config"] for t in targets} == {
+        "attnopt_2x",
+        "attnopt_4x",
+        "attnopt_2x_compile",
+        "attnopt_4x_compile",
+    }
+    assert len(targets) == 8
+    for t in targets:
+        if t["config"].endswith("_compile"):
+            assert t["met"] is None and "--no-compile" in t["why"]
+        else:  # measured at N=256: met or missed, with its numbers, never hidden
+            assert (
+                isinstance(t["met"], bool) and math.isfinite(t["measured"]) and math.isfinite(t["threshold"])
+            )

@@ -235,15 +235,15 @@ def _min_error(options, max_seconds) -> dict[str, Option] | None:
 SITE_ERROR_CAP = 0.15
 
 
-def site_error_bound(budget: Budget) -> float:
+def site_error_bound(budget: Budget, cap: float | None = None) -> float:
     """Largest per-site error a candidate may have to be considered under ``budget``.
 
     Without a speed target (least latency under an error tolerance) the tolerance itself;
-    with one (least error under a latency target) :data:`SITE_ERROR_CAP`, since the summed
-    error is minimised and the end-to-end check decides.
+    with one (least error under a latency target) ``cap`` (default :data:`SITE_ERROR_CAP`),
+    since the summed error is minimised and the end-to-end check decides.
     """
     if budget.has_speed_target:
-        return max(budget.tolerance, SITE_ERROR_CAP)
+        return max(budget.tolerance, SITE_ERROR_CAP if cap is None else cap)
     return budget.tolerance
 
 
@@ -256,6 +256,7 @@ def solve_assignment(
     families: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     pin: Mapping[str, str] | None = None,
+    site_error_cap: float | None = None,
 ) -> Assignment:
     """Solve the budget's problem over all sites (see the module docstring).
 
@@ -265,13 +266,14 @@ def solve_assignment(
         other_seconds: time outside attention, for ``scope="model"`` speedups and latencies.
         max_total_error: optional bound on the sum of per-site errors (problem b).
         families, exclude, pin: restrictions, see :func:`filter_options`.
+        site_error_cap: per-site error bound under a speed target (see :func:`site_error_bound`).
 
     Returns:
         The :class:`Assignment`; when the speed target cannot be met, the fastest plan within
         the tolerance with ``feasible=False`` and a one-sentence ``explanation``.
     """
     allowed, notes = filter_options(
-        options, max_error=site_error_bound(budget), families=families, exclude=exclude, pin=pin
+        options, max_error=site_error_bound(budget, site_error_cap), families=families, exclude=exclude, pin=pin
     )
     if not allowed:
         return Assignment({}, other_seconds, other_seconds, 0.0, notes=notes)

@@ -164,6 +164,7 @@ def make_plan(
     exclude: Iterable[str] | None = None,
     pin: Mapping[str, str] | None = None,
     with_pareto: bool = True,
+    site_error_cap: float | None = None,
 ) -> Plan:
     """Plan every site under ``budget``.
 
@@ -181,6 +182,8 @@ def make_plan(
         other_seconds: non-attention time per forward (for ``scope="model"``).
         max_total_error, families, exclude, pin: see :func:`~attnopt.cost_model.planner.solve_assignment`.
         with_pareto: also compute the Pareto front (one extra MILP per point).
+        site_error_cap: per-site error bound under a speed target (default
+            :data:`~attnopt.cost_model.planner.SITE_ERROR_CAP`).
 
     Returns:
         The :class:`Plan`; ``plan.explanation`` says why when the speed target is unreachable.
@@ -203,6 +206,7 @@ def make_plan(
         families=families,
         exclude=exclude,
         pin=pin,
+        site_error_cap=site_error_cap,
     )
     timings["solve"] = time.perf_counter() - t1
     front: list[Assignment] = []

@@ -9,6 +9,7 @@ the graph as is (``optimize()``) or hands it to Inductor (``torch.compile``).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -57,8 +58,45 @@ class RewriteBackend:
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
 
+            _bank_plan_tensors(gm)
             return compile_fx(gm, example_inputs)
         return gm.forward
+
+
+def _bank_plan_tensors(gm: fx.GraphModule) -> None:
+    """Move the plan's fitted tensors out of the graph into the operators' parameter bank.
+
+    Inductor accepts as constants only the parameters and buffers dynamo recorded, and rejects
+    the ``get_attr`` tensors the rewrite adds; the operators find them by ``params_ref`` instead
+    (see :func:`attnopt.codegen.ops.bank_params`).
+    """
+    from attnopt.codegen.ops import FAMILY_OPS, bank_params, op_for
+    from attnopt.rewriter.mha import mha_forward
+
+    ops = {op_for(f) for f in FAMILY_OPS}
+    banked = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in ops and node.args[4]:
+            params, config = node.args[4], node.args[7]
+        elif node.target is mha_forward and node.kwargs.get("attnopt_params"):
+            params, config = node.kwargs["attnopt_params"], node.kwargs["attnopt_config"]
+        else:
+            continue
+        ref = bank_params([getattr(gm, p.target) for p in params])
+        config = json.dumps({**json.loads(config), "params_ref": ref}, sort_keys=True)
+        banked.update(params)
+        if node.target is mha_forward:
+            node.kwargs = {**node.kwargs, "attnopt_params": [], "attnopt_config": config}
+        else:
+            node.args = (*node.args[:4], [], *node.args[5:7], config)
+    for p in banked:
+        if not p.users:
+            gm.graph.erase_node(p)
+            delattr(gm, p.target)
+    if banked:
+        gm.recompile()
 
 
 def exact_everywhere(site: AttentionSite) -> Choice | None:

@@ -202,3 +202,27 @@ def test_candidates_no_faster_than_exact_are_not_error_scored():
     slow = by_family["quantized"]
     assert slow.measured is not None and slow.measured >= by_family["exact"].measured
     assert slow.error == float("inf") and "not scored: measured no faster than exact" in slow.candidate.notes
+
+
+@pytest.mark.parametrize("end_to_end", [0.001, 0.5])
+def test_out_of_reach_targets_widen_the_site_cap_only_when_end_to_end_holds(end_to_end):
+    """Site errors above the cap are taken when the held-out check passes, and only then."""
+    from attnopt.pipeline import _widen
+
+    sites = _sites(4, heads=32, seq=8192, head_dim=128)
+    cands = _candidates(sites, density=0.15, error=0.2)  # above SITE_ERROR_CAP, below the first wider cap
+    budget = Budget(speedup=2.0, max_error=0.01)
+    kwargs = dict(profile=SEED_PROFILES["h100"])
+    plan = make_plan(sites, cands, budget, **kwargs)
+    assert not plan.feasible
+
+    def check(p):
+        return end_to_end
+
+    check.calls = 1
+    got, steps = _widen(sites, cands, budget, plan, check, kwargs)
+    if end_to_end <= budget.tolerance:
+        assert got.feasible and got.totals["speedup"] >= 2.0 * (1 - 1e-5)
+        assert got.totals["validated_error"] == end_to_end and "per-site error cap 0.3" in steps[0]
+    else:
+        assert got is plan and "kept the plan above" in steps[0]

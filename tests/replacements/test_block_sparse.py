@@ -226,7 +226,7 @@ def test_cpu_kernel_runs_under_the_callers_autograd_mode(mode):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("parallel,chunk", [(True, 16), (False, 16), (False, None)])
 @pytest.mark.parametrize(
     "nq,nk,windows,sink,masked",
     [
@@ -236,7 +236,7 @@ def test_cpu_kernel_runs_under_the_callers_autograd_mode(mode):
         (40, 40, (1000, 7, 1000, 1000), 1, True),  # windows past the sequence: plain causal rows
     ],
 )
-def test_band_path_per_head_windows(nq, nk, windows, sink, masked, parallel, monkeypatch):
+def test_band_path_per_head_windows(nq, nk, windows, sink, masked, parallel, chunk, monkeypatch):
     """Different windows per head in one call match the rule; heads with equal windows share items."""
     monkeypatch.setattr(cpu_bs, "PARALLEL_ITEMS", parallel)
     q, k, v = _qkv(2, 4, 2, nq, nk)
@@ -248,7 +248,7 @@ def test_band_path_per_head_windows(nq, nk, windows, sink, masked, parallel, mon
         allowed = allowed & pad
     ref = attention_reference(q, k, v, allowed, scale=0.25)
     poisoned = torch.full((2, 4, nq, 16), float("nan"))
-    got = cpu_bs.band_attention(q, k, v, scale=0.25, window=list(windows), sink=sink, attn_mask=pad, chunk=16,
+    got = cpu_bs.band_attention(q, k, v, scale=0.25, window=list(windows), sink=sink, attn_mask=pad, chunk=chunk,
                                 out=poisoned)  # fmt: skip
     # rows the padding mask empties entirely are 0 in the kernel, NaN in the reference
     assert _err(got, ref.nan_to_num(0.0)) < 2e-5
