@@ -8,7 +8,7 @@ plus a per-family fixed cost, and a launch overhead. Two kinds exist:
   planning towards a device one does not have; their ``source`` field says where every number
   came from;
 * *measured* profiles from :func:`attnopt.cost_model.profiling.profile_device`, cached as JSON
-  keyed by device name and torch/triton versions (a new torch changes kernel speeds).
+  keyed by device name, torch/triton/attnopt versions and a hash of the kernel sources (a new torch or a changed kernel changes kernel speeds).
 
 :func:`get_profile` is the one entry the planner uses.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -210,9 +212,28 @@ def cache_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "attnopt"
 
 
+@functools.lru_cache(maxsize=1)
+def kernels_digest() -> str:
+    """A short hash of attnopt's kernel sources (``attnopt/codegen``).
+
+    Part of a measured profile's cache key: a profile holds each family's measured efficiency,
+    which a changed kernel invalidates even when no version number moved.
+    """
+    root = pathlib.Path(__file__).resolve().parent.parent / "codegen"
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def _cache_file(name: str, directory: pathlib.Path) -> pathlib.Path:
     v = versions()
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"profile-{name}-torch{v['torch']}-triton{v['triton']}")
+    stem = re.sub(
+        r"[^A-Za-z0-9._-]+",
+        "_",
+        f"profile-{name}-torch{v['torch']}-triton{v['triton']}-attnopt{v['attnopt']}-k{kernels_digest()}",
+    )
     return directory / f"{stem}.json"
 
 
