@@ -71,6 +71,16 @@ def _runners(site, entry, q, k, v, mask):
     return run_exact, planned
 
 
+def _cold() -> None:
+    """Forget in-process latency and error measurements, so each plan() time is a cold one
+    (the measured device profile stays: it is cached on disk, as for any user)."""
+    from attnopt.cost_model.error import clear_error_cache
+    from attnopt.cost_model.latency import clear_latency_cache
+
+    clear_latency_cache()
+    clear_error_cache()
+
+
 def attention_time(plan, sites, stats, pairs: int = 5) -> tuple[float, float]:
     """(exact seconds, planned seconds) summed over sites, medians of paired runs on calib q/k/v."""
     by_name = {s.name: s for s in sites}
@@ -123,6 +133,7 @@ def bench_codelm(budgets, seq: int, n_calib: int, n_held: int) -> list[dict]:
     for budget in budgets:
         model = copy.deepcopy(reference)
         calib = codelm_calls(n_calib, seq, labels=True)
+        _cold()
         t = time.perf_counter()
         run = run_plan(model, budget, calib, progress=False)
         plan_s = time.perf_counter() - t
@@ -194,6 +205,7 @@ def bench_minilm(budgets, seq: int) -> list[dict]:
     rows = []
     for budget in budgets:
         model = copy.deepcopy(reference)
+        _cold()
         t = time.perf_counter()
         run = run_plan(
             model,

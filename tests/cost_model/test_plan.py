@@ -207,7 +207,7 @@ def test_candidates_no_faster_than_exact_are_not_error_scored():
 @pytest.mark.parametrize("end_to_end", [0.001, 0.5])
 def test_out_of_reach_targets_widen_the_site_cap_only_when_end_to_end_holds(end_to_end):
     """Site errors above the cap are taken when the held-out check passes, and only then."""
-    from attnopt.pipeline import _widen
+    from attnopt.pipeline import WIDEN_BISECTIONS, _widen
 
     sites = _sites(4, heads=32, seq=8192, head_dim=128)
     cands = _candidates(sites, density=0.15, error=0.2)  # above SITE_ERROR_CAP, below the first wider cap
@@ -225,4 +225,29 @@ def test_out_of_reach_targets_widen_the_site_cap_only_when_end_to_end_holds(end_
         assert got.feasible and got.totals["speedup"] >= 2.0 * (1 - 1e-5)
         assert got.totals["validated_error"] == end_to_end and "per-site error cap 0.3" in steps[0]
     else:
-        assert got is plan and "kept the plan above" in steps[0]
+        assert got is plan and "kept the plan above" in steps[-1] and 2 <= len(steps) <= 2 + WIDEN_BISECTIONS
+
+
+def test_widening_bisects_the_speed_target_to_the_fastest_plan_that_holds():
+    """A check that fails above ~1.6x: the kept plan is faster than the capped one, below the failing one."""
+    from attnopt.pipeline import _widen
+
+    sites = _sites(4, heads=32, seq=8192, head_dim=128)
+    cands = {}
+    for s in sites:  # a gentle and an aggressive variant per site, both above SITE_ERROR_CAP
+        cands[s.name] = [
+            Candidate(site=s.name, family="quantized", config=ExactConfig(), cost=dense_cost(s, density=d), error=e)
+            for d, e in ((0.7, 0.2), (0.2, 0.25))
+        ]
+    budget = Budget(speedup=2.0, max_error=0.01)
+    kwargs = dict(profile=SEED_PROFILES["h100"])
+    plan = make_plan(sites, cands, budget, **kwargs)
+    assert not plan.feasible and plan.totals["speedup"] == pytest.approx(1.0)
+
+    def check(p):
+        return 0.001 if p.totals["speedup"] <= 1.6 else 0.5
+
+    check.calls = 1
+    got, steps = _widen(sites, cands, budget, plan, check, kwargs)
+    assert 1.0 < got.totals["speedup"] <= 1.6 and not got.feasible
+    assert got.budget == budget and "out of reach" in got.explanation and steps[-1].startswith("taken")
