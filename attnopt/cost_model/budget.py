@@ -43,9 +43,10 @@ METRICS = {
     "cosine": "1 - cosine similarity of outputs against exact attention",
 }
 
-#: Default tolerance per metric (used when ``Budget.max_error`` is None). Perplexity: +3%,
-#: which at ~2 bits per token is ~2% in bits per token (the codelm acceptance bar).
-DEFAULT_MAX_ERRORS = {"output_rel_error": DEFAULT_MAX_ERROR, "perplexity": 0.03, "cosine": 2.0e-4}
+#: Default tolerance per metric (used when ``Budget.max_error`` is None). Perplexity: +1.5%,
+#: i.e. log2(1.015) = 0.021 more bits per token: 1.7% of codelm's 1.29 bits per byte (its
+#: acceptance bar is 2%), less for models with a higher loss per token.
+DEFAULT_MAX_ERRORS = {"output_rel_error": DEFAULT_MAX_ERROR, "perplexity": 0.015, "cosine": 2.0e-4}
 
 #: Where the speed side is measured: the attention sites alone, or the whole model forward.
 SCOPES = ("attention", "model")

@@ -92,6 +92,6 @@ def test_field_validation(kwargs, exc, match):
 
 
 def test_metric_defaults():
-    assert Budget(metric="perplexity").tolerance == 0.03
+    assert Budget(metric="perplexity").tolerance == 0.015
     assert Budget(metric="cosine").tolerance < Budget().tolerance
     assert Budget(max_error=0.0).exact
