@@ -408,10 +408,13 @@ def plan_choices(plan: Plan) -> dict[str, Choice]:
     """The rewrite's view of a plan: family, config JSON and tensors per site.
 
     One-query (decode) calls run exact attention unless the entry says the family's own decode
-    form serves them (``PlanEntry.decode == "family"``).
+    form serves them (``PlanEntry.decode == "family"``); calls with fewer keys than the entry's
+    ``min_len`` (where the variant stops paying off) run exact attention too.
     """
     return {
-        e.site: Choice(e.family, e.config, list(e.params), min_q_len=1 if e.decode == "family" else 2)
+        e.site: Choice(
+            e.family, e.config, list(e.params), min_q_len=1 if e.decode == "family" else 2, min_kv_len=e.min_len
+        )
         for e in plan.entries
     }
 

@@ -253,8 +253,8 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
     q_len, kv_len = q.shape[-2], k.shape[-2]
     if is_causal and q_len != kv_len and cfg.get("causal_align") == "top_left":
         attn_mask, is_causal = _top_left_causal(attn_mask, q_len, kv_len, q.device), False
-    if family != "exact" and q_len < int(cfg.get("min_q_len", 2)):
-        family = "exact"  # decode steps and tiny inputs: the variant does not pay off
+    if family != "exact" and (q_len < int(cfg.get("min_q_len", 2)) or kv_len < int(cfg.get("min_kv_len", 0))):
+        family = "exact"  # decode steps, and contexts shorter than where the plan's variant pays off
     # Classify per call where the structure matters: variants, and calibration (whose samples
     # variants are fitted on). Plain exact attention just passes the model's mask to SDPA.
     variant = (

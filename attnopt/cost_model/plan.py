@@ -68,6 +68,8 @@ class PlanEntry:
         notes: free text for reports.
         decode: what one-query decode steps run: ``"exact"``, or ``"family"`` where the family
             defines a decode form for this config (see ``Family.decode_form``).
+        min_len: calls with fewer keys run exact attention: the context length below which the
+            variant is predicted not to pay off (0: every length).
     """
 
     site: str
@@ -82,6 +84,7 @@ class PlanEntry:
     cosine: float | None = None
     notes: str = ""
     decode: str = "exact"
+    min_len: int = 0
 
     def config_object(self) -> FamilyConfig:
         """The family's frozen config rebuilt from JSON."""
@@ -108,6 +111,7 @@ class PlanEntry:
             "cosine": self.cosine,
             "notes": self.notes,
             "decode": self.decode,
+            "min_len": self.min_len,
         }
 
 
@@ -179,13 +183,14 @@ class Plan:
     def summary(self) -> str:
         """Markdown table: site, family, config, decode path, predicted and measured latency, error."""
         lines = [
-            "| site | family | config | decode | predicted ms | measured ms | exact ms | rel error |",
-            "|---|---|---|---|---|---|---|---|",
+            "| site | family | config | decode | exact below | predicted ms | measured ms | exact ms | rel error |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for e in self.entries:
             exact = e.exact_measured_s if e.exact_measured_s is not None else e.exact_predicted_s
             lines.append(
-                f"| {e.site} | {e.family} | {e.describe()} | {e.decode} | {_ms(e.predicted_s)} | {_ms(e.measured_s)} | "
+                f"| {e.site} | {e.family} | {e.describe()} | {e.decode} | {e.min_len or '-'} | {_ms(e.predicted_s)} | "
+                f"{_ms(e.measured_s)} | "
                 f"{_ms(exact)} | {e.error:.3g} |"
             )
         t = self.totals

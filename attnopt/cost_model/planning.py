@@ -18,7 +18,7 @@ import torch
 from attnopt.cost_model.budget import Budget, parse_budget
 from attnopt.cost_model.device import DeviceProfile, get_profile, versions
 from attnopt.cost_model.error import measure_candidate_error
-from attnopt.cost_model.latency import measure_latency, measure_relative, predict_latency
+from attnopt.cost_model.latency import measure_latency, measure_relative, predict_latency, site_shape
 from attnopt.cost_model.plan import Plan, PlanEntry, fingerprint
 from attnopt.cost_model.planner import Assignment, Option, pareto_front, solve_assignment
 from attnopt.replacements.base import Candidate
@@ -126,7 +126,32 @@ def build_options(
     return options
 
 
-def _entry(site: AttentionSite, opt: Option, exact: Option) -> PlanEntry:
+#: Context lengths tried for where a variant starts to pay off (see :func:`payoff_length`).
+PAYOFF_LENGTHS = tuple(2**i for i in range(6, 18))
+
+
+def payoff_length(site: AttentionSite, candidate: Candidate, exact: Candidate, profile: DeviceProfile) -> int:
+    """The shortest context (keys) from which ``candidate`` is predicted faster than exact at ``site``.
+
+    Walks :data:`PAYOFF_LENGTHS` below the site's own length, longest first, scaling the query
+    length with the keys (prefill) and keeping heads and head dims; returns the last length where
+    the variant still wins, so a plan made at 2048 tokens runs exact attention on a 100-token
+    prompt instead of a variant that costs more there. 0 when the variant wins at every length
+    tried; head pruning (the weights themselves are sliced) always returns 0.
+    """
+    if candidate.family in ("exact", "head_pruned"):
+        return 0
+    ratio = site.q_len / max(site.kv_len, 1)
+    shortest = 0
+    for n in sorted((n for n in PAYOFF_LENGTHS if n < site.kv_len), reverse=True):
+        shape = site_shape(site, Nq=max(1, round(n * ratio)), Nk=n)
+        if predict_latency(site, candidate, profile, shape) >= predict_latency(site, exact, profile, shape):
+            return shortest or site.kv_len
+        shortest = n
+    return 0
+
+
+def _entry(site: AttentionSite, opt: Option, exact: Option, min_len: int = 0) -> PlanEntry:
     from attnopt.replacements.base import get_family
 
     decodes = opt.family != "exact" and get_family(opt.family).decode_form(opt.candidate.config)
@@ -143,6 +168,7 @@ def _entry(site: AttentionSite, opt: Option, exact: Option) -> PlanEntry:
         cosine=opt.cosine,
         notes=opt.candidate.notes,
         decode="family" if decodes else "exact",
+        min_len=min_len,
     )
 
 
@@ -224,7 +250,9 @@ def make_plan(
     entries = []
     for name, site in site_map.items():
         exact = next(o for o in options[name] if o.family == "exact")
-        entries.append(_entry(site, best.choice.get(name, exact), exact))
+        chosen = best.choice.get(name, exact)
+        min_len = payoff_length(site, chosen.candidate, exact.candidate, prof) if chosen is not exact else 0
+        entries.append(_entry(site, chosen, exact, min_len))
     return Plan(
         entries=entries,
         budget=budget,

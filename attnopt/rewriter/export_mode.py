@@ -110,6 +110,7 @@ class PlannedSdpa(TorchFunctionMode):
             "window": None,
             "causal_align": "top_left",  # SDPA's is_causal
             "min_q_len": choice.min_q_len,
+            "min_kv_len": choice.min_kv_len,
         }
         self.rewritten.append(name)
         return op_for(family)(

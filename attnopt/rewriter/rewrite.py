@@ -49,6 +49,7 @@ class Choice:
     config: dict[str, Any] = field(default_factory=dict)
     params: list[torch.Tensor] = field(default_factory=list)
     min_q_len: int = 2
+    min_kv_len: int = 0
 
 
 def _call(graph: fx.Graph, target, *args) -> fx.Node:
@@ -130,6 +131,7 @@ def _op_config(site: AttentionSite, choice: Choice, m: SiteMatch) -> str:
         "window": None,
         "causal_align": m.causal_align,
         "min_q_len": choice.min_q_len,
+        "min_kv_len": choice.min_kv_len,
     }
     return json.dumps(cfg, sort_keys=True)
 

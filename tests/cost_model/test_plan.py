@@ -251,3 +251,41 @@ def test_widening_bisects_the_speed_target_to_the_fastest_plan_that_holds():
     got, steps = _widen(sites, cands, budget, plan, check, kwargs)
     assert 1.0 < got.totals["speedup"] <= 1.6 and not got.feasible
     assert got.budget == budget and "out of reach" in got.explanation and steps[-1].startswith("taken")
+
+
+def test_variants_fall_back_to_exact_below_their_payoff_length():
+    """A sink+window plan made at 8192 tokens runs exact attention on short contexts, where it costs more."""
+    import json
+
+    from attnopt.codegen import ops
+    from attnopt.cost_model.planning import payoff_length
+    from attnopt.replacements.base import get_family
+    from attnopt.replacements.block_sparse import BlockSparseConfig
+    from attnopt.replacements.exact import ExactFamily
+
+    site = _sites(1, heads=32, seq=8192, head_dim=128)[0]
+    fam = get_family("block_sparse")
+    cfg = BlockSparseConfig(mode="static", sink=4, windows=(1024,), calib_len=8192)
+    cand = Candidate(site=site.name, family="block_sparse", config=cfg, cost=fam.cost(site, cfg))
+    exact = ExactFamily().candidates(site, None)[0]
+    n = payoff_length(site, cand, exact, SEED_PROFILES["h100"])
+    assert 1024 < n <= 8192  # a 1024-token window cannot pay off at 1024 tokens or less
+
+    calls = []
+    kernel = ops.KERNELS[("block_sparse", "cpu")]
+
+    def counting(call):
+        calls.append(call.k.shape[-2])
+        return kernel(call)
+
+    config = json.dumps({"site": "s", "family": "block_sparse", "config": BlockSparseConfig(
+        mode="static", sink=1, windows=(8,), min_window=1).to_json(), "min_kv_len": 64})  # fmt: skip
+    q = torch.randn(1, 2, 32, 16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(ops.KERNELS, ("block_sparse", "cpu"), counting)
+        short = ops.op_for("block_sparse")(q, q, q, None, [], 0.25, True, config)
+        torch.testing.assert_close(short, ops.op_for("exact")(q, q, q, None, [], 0.25, True, "{}"))
+        assert calls == []
+        long = torch.randn(1, 2, 96, 16)
+        ops.op_for("block_sparse")(long, long, long, None, [], 0.25, True, config)
+        assert calls == [96]
