@@ -213,10 +213,10 @@ def dynamic_layout(q: torch.Tensor, k: torch.Tensor, config: BlockSparseConfig, 
     if config.density > 0:
         mq, mk = scores.shape[-2:]
         if causal:
-            pe = torch.clamp(torch.arange(1, mq + 1) * blk, max=nq) - 1 + (nk - nq)
+            pe = torch.clamp(torch.arange(1, mq + 1, device=scores.device) * blk, max=nq) - 1 + (nk - nq)
             reach = torch.clamp(pe // blk + 1, min=0, max=mk)
         else:
-            reach = torch.full((mq,), mk)
+            reach = torch.full((mq,), mk, device=scores.device)
         topk = torch.ceil(reach.float() * config.density).long().clamp_min(1)
     return BlockLayout.from_block_scores(
         scores, nq, nk, q_block=blk, kv_block=blk, causal=causal, topk=topk,
@@ -238,8 +238,8 @@ def skip_layout(q: torch.Tensor, k: torch.Tensor, config: BlockSparseConfig, *, 
     mq, mk = -(-nq // blk), -(-nk // blk)
     thr = skip_log_lambda(config, nk)
     kk = k.repeat_interleave(hq // k.shape[1], dim=1)
-    keep = torch.zeros(b, hq, mq, mk, dtype=torch.bool)
-    allowed = ElementRule(causal=causal).allowed(nq, nk) if causal else None
+    keep = torch.zeros(b, hq, mq, mk, dtype=torch.bool, device=q.device)
+    allowed = ElementRule(causal=causal).allowed(nq, nk).to(q.device) if causal else None
     for h in range(hq):
         s = (q[:, h].float() @ kk[:, h].float().transpose(-1, -2)) * scale  # (B, Nq, Nk)
         if allowed is not None:
