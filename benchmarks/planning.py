@@ -283,13 +283,15 @@ def main() -> None:
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--codelm-budgets", default="1.2x,2x,4x", help="comma-separated; empty skips codelm")
     ap.add_argument("--minilm-budgets", default="1.3x,1.5x", help="comma-separated")
+    ap.add_argument("--minilm-seq", default="256,512", help="comma-separated MiniLM lengths (512 is its maximum)")
     ap.add_argument("--name", default=None, help="results file stem (default planning / planning-quick)")
     args = ap.parse_args()
     seq = 1024 if args.quick else 2048
     budgets = [b for b in args.codelm_budgets.split(",") if b]
     rows = bench_codelm(budgets, seq=seq, n_calib=4 if args.quick else 6, n_held=2) if budgets else []
     if not args.skip_minilm:
-        rows += bench_minilm([b for b in args.minilm_budgets.split(",") if b], seq=256)
+        for n in (int(x) for x in args.minilm_seq.split(",") if x):
+            rows += bench_minilm([b for b in args.minilm_budgets.split(",") if b], seq=n)
     write(rows, args.name or ("planning-quick" if args.quick else "planning"))
 
 
