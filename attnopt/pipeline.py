@@ -233,6 +233,7 @@ def run_plan(
     timings["candidates"] = time.perf_counter() - t
     plan_kwargs = dict(stats=stats, profile=target, measure=measure, families=fams, exclude=list(exclude) or None)
     plan = make_plan(sites, candidates, parsed, **plan_kwargs)
+    timings.update(plan.timings)  # measurement and solve; re-solves below count as "validate"
     steps: list[str] = []
     if validate and (any(e.family != "exact" for e in plan.entries) or not plan.feasible):
         t = time.perf_counter()
@@ -242,7 +243,7 @@ def run_plan(
             plan, widened = _widen(sites, candidates, parsed, plan, check, plan_kwargs)
             steps += widened
         timings["validate"] = time.perf_counter() - t
-    plan.timings = {**timings, **plan.timings}
+    plan.timings = timings
     plan.parts = [p.path for p in parts]
     plan.steps = steps
     return PlanRun(plan, parts, sites, stats, steps)

@@ -74,3 +74,40 @@ def test_plan_save_load_apply_round_trip(tmp_path):
     ).eval()
     with pytest.raises(ValueError, match="fingerprint"):
         attnopt.apply(other, loaded, example=calls[0])
+
+
+
+
+def test_plan_timings_keep_the_measurements_when_validation_re_solves(monkeypatch):
+    """Validation re-solves with cached measurements; the reported timings must still hold the first ones."""
+    import attnopt.pipeline as pipeline
+
+    torch.manual_seed(3)
+    model = RawAttention()
+    calls = [tuple(torch.randn(1, 4, 1024, 16) for _ in range(3)) for _ in range(3)]
+    seen = {}
+    real_check, real_tighten = pipeline._end_to_end_check, pipeline._validate_and_tighten
+
+    def failing_first(model, held, budget):
+        check = real_check(model, held, budget)
+        results = iter([1.0])  # the first plan "fails" end to end: one site goes exact, re-solve
+
+        def fake(plan):
+            return next(results, check(plan))
+
+        fake.calls = check.calls
+        return fake
+
+    def spy(sites, candidates, budget, plan, check, plan_kwargs):
+        seen["first"] = dict(plan.timings)
+        return real_tighten(sites, candidates, budget, plan, check, plan_kwargs)
+
+    monkeypatch.setattr(pipeline, "_end_to_end_check", failing_first)
+    monkeypatch.setattr(pipeline, "_validate_and_tighten", spy)
+    # planned for the H100 profile: predictions only, so the plan (and its re-solve) is deterministic
+    run = pipeline.run_plan(model, "2x", calls, families=("block_sparse",), target="h100", progress=False)
+    assert seen, "validation did not run"
+    assert any("set to exact, re-solved" in s for s in run.plan.steps)
+    assert run.plan.timings["errors"] == pytest.approx(seen["first"]["errors"])  # not the re-solve's ~0
+    assert seen["first"]["errors"] > 0.01
+    assert {"capture", "calibrate", "candidates", "validate"} <= set(run.plan.timings)
