@@ -44,15 +44,21 @@ class RewriteBackend:
         self.compiles: list[dict[str, Any]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
-        ctx = GraphContext(gm, example_inputs)
-        sites = find_sites_in_graph(ctx)
-        prefix_sites(sites, self.prefix)
-        choices = {}
-        for s in sites:
-            c = self.choose(s)
-            if c is not None:
-                choices[s.name] = c
-        n = rewrite_graph(gm, sites, choices)
+        # Matching reads shapes (lengths for site metadata, head counts for GQA folding). On a
+        # graph dynamo made dynamic, every such read of a symbolic size would install a guard and
+        # specialise the graph to this length, so each new length would compile again. The
+        # rewrite itself is shape-generic (the operators take their shapes at run time), so the
+        # reads are made without guards.
+        with _no_shape_guards(example_inputs):
+            ctx = GraphContext(gm, example_inputs)
+            sites = find_sites_in_graph(ctx)
+            prefix_sites(sites, self.prefix)
+            choices = {}
+            for s in sites:
+                c = self.choose(s)
+                if c is not None:
+                    choices[s.name] = c
+            n = rewrite_graph(gm, sites, choices)
         self.compiles.append({"sites": [s.name for s in sites], "rewritten": n})
         log.info("attnopt backend: %d site(s) found, %d rewritten", len(sites), n)
         if self.inductor:
@@ -61,6 +67,17 @@ class RewriteBackend:
             _bank_plan_tensors(gm)
             return compile_fx(gm, example_inputs)
         return gm.forward
+
+
+def _no_shape_guards(example_inputs: list[Any]):
+    """Suppress dynamo shape guards while the backend inspects a graph (no-op without a shape env)."""
+    import contextlib
+
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    shape_env = getattr(fake_mode, "shape_env", None)
+    return shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
 
 
 def _bank_plan_tensors(gm: fx.GraphModule) -> None:

@@ -29,3 +29,42 @@ def test_compile_backend_runs_a_plan_with_fitted_tensors_like_optimize():
         exact = base(**fresh).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - exact).abs().max() > 1e-3  # the shared-score plan really ran (it is not exact)
+
+
+
+def test_compile_backend_does_not_recompile_per_length():
+    """Length-dependent choices (a variant's pay-off length, decode) are made inside the operator at run
+    time, and matching reads shapes without guards, so new sequence lengths reuse dynamo's dynamic
+    graph instead of compiling one per length; outputs stay right on that dynamic graph."""
+    from attnopt.cost_model.plan import PlanEntry
+    from attnopt.pipeline import install_plan
+    from attnopt.replacements.block_sparse import BlockSparseConfig
+
+    torch.manual_seed(7)
+    model = _tiny_llama()
+    base = copy.deepcopy(model)
+    attnopt.optimize(model, "1x", calib=[_llama_call(32)])
+    lengths = (16, 32, 40, 56, 72)
+
+    exact_backend = attnopt.backend(plan=model._attnopt_plan)
+    compiled = torch.compile(copy.deepcopy(base), backend=exact_backend)
+    with torch.no_grad():
+        for n in lengths:
+            call = _llama_call(n)
+            torch.testing.assert_close(compiled(**call).logits, base(**call).logits, rtol=1e-4, atol=1e-4)
+    assert len(exact_backend.compiles) <= 2, exact_backend.compiles  # the first shape, then one dynamic graph
+
+    plan = model._attnopt_plan
+    cfg = BlockSparseConfig(mode="static", sink=1, windows=(8,), min_window=1, calib_len=32).to_json()
+    plan.entries = [
+        PlanEntry(site=e.site, family="block_sparse", config=cfg, decode="family", min_len=24) for e in plan.entries
+    ]
+    install_plan(model, plan, model._attnopt_sites)
+    backend = attnopt.backend(plan=plan)
+    compiled = torch.compile(copy.deepcopy(base), backend=backend)
+    with torch.no_grad():
+        for n in lengths:  # below and above the pay-off length
+            call = _llama_call(n)
+            torch.testing.assert_close(compiled(**call).logits, model(**call).logits, rtol=1e-4, atol=1e-4)
+    assert len(backend.compiles) <= 2, backend.compiles
+    assert all(c["rewritten"] == 2 for c in backend.compiles)
