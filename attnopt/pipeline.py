@@ -269,8 +269,9 @@ def exact_plan(sites: list[AttentionSite], budget: Budget, timings: dict[str, fl
 #: :data:`~attnopt.cost_model.planner.SITE_ERROR_CAP`. A site's relative output error is only a
 #: proxy for what the model loses (an early layer's attention may be a small part of its residual
 #: stream), so a plan with larger site errors is taken when the end-to-end check on held-out calls
-#: passes. Measured on codelm at N=2048, "2x": cap 0.15 reached 1.64x predicted (1.53x measured);
-#: cap 0.3 reached 2.05x at +1.56% bits/byte (benchmarks/results/planning.md).
+#: passes. On codelm at N=2048, "2x": cap 0.15 reached 1.64x; widening to 0.6 found a plan measured
+#: at 2.12x, +1.39% bits/byte, with head pruning on layer 0, whose site error is large and end-to-end
+#: cost small (benchmarks/results/planning-run-2240.md).
 WIDER_SITE_ERROR_CAPS = (0.3, 0.6)
 
 
