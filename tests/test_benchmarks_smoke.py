@@ -1,7 +1,8 @@
-"""CI smoke test of ``benchmarks/families.py --smoke``: every family runs end to end and is timed.
+"""CI smoke tests of ``benchmarks/families.py --smoke`` (every family runs end to end and is timed)
+and ``benchmarks/end_to_end.py --smoke`` (every configuration of the GPU proof runs on a tiny Llama).
 
-Tiny random models, N=64; results go to a temp dir. Checks structure and sanity of the numbers
-(finite, exact operators reproduce the original model, every family present), never speed.
+Tiny random models; results go to a temp dir. Checks structure and sanity of the numbers (finite,
+exact operators reproduce the original model, every family / configuration present), never speed.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAMILIES = {"block_sparse", "quantized", "linear", "head_pruned", "shared"}
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_families", ROOT / "benchmarks" / "families.py")
+def _load_script(name: str = "families"):
+    """``benchmarks/<name>.py`` as a module (the benchmarks folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -76,14 +78,6 @@ E2E_CONFIGS = {
 }  # fmt: skip
 
 
-def _load_end_to_end():
-    spec = importlib.util.spec_from_file_location("bench_end_to_end", ROOT / "benchmarks" / "end_to_end.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _finite_pos(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -91,7 +85,7 @@ def _finite_pos(x) -> bool:
 @pytest.fixture(scope="module")
 def e2e_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("end_to_end")
-    report = _load_end_to_end().main(["--smoke", "--out", str(out)])
+    report = _load_script("end_to_end").main(["--smoke", "--out", str(out)])
     return report, out
 
 
