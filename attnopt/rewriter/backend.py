@@ -43,7 +43,19 @@ class RewriteBackend:
         self.inductor = inductor
         self.compiles: list[dict[str, Any]] = []
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]):
+    def __call__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list[Any],
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+    ):
+        """Rewrite ``gm``'s attention sites; with Inductor, compile the result.
+
+        ``mode``/``options`` are what ``torch.compile(..., mode=..., options=...)`` hands a custom
+        backend; they configure Inductor as they would without attnopt (``"reduce-overhead"``:
+        CUDA graphs; ``"max-autotune"``: autotuning). They are ignored when the graph runs as is.
+        """
         # Matching reads shapes (lengths for site metadata, head counts for GQA folding). On a
         # graph dynamo made dynamic, every such read of a symbolic size would install a guard and
         # specialise the graph to this length, so each new length would compile again. The
@@ -65,8 +77,17 @@ class RewriteBackend:
             from torch._inductor.compile_fx import compile_fx
 
             _bank_plan_tensors(gm)
-            return compile_fx(gm, example_inputs)
+            return compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode, options))
         return gm.forward
+
+
+def _inductor_patches(mode: str | None, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Inductor config for a ``torch.compile`` mode and options, as ``torch.compile`` derives it."""
+    if not mode and not options:
+        return None
+    from torch._inductor import list_mode_options
+
+    return {**(list_mode_options(mode) if mode and mode != "default" else {}), **(options or {})}
 
 
 def _no_shape_guards(example_inputs: list[Any]):
@@ -121,9 +142,10 @@ def exact_everywhere(site: AttentionSite) -> Choice | None:
     return Choice("exact") if site.rewritable else None
 
 
-def attnopt_backend(gm: fx.GraphModule, example_inputs: list[Any]):
+def attnopt_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any):
     """``torch.compile(model, backend="attnopt")``: exact attnopt ops, then Inductor.
 
+    ``torch.compile``'s ``mode``/``options`` reach Inductor (see :meth:`RewriteBackend.__call__`).
     Use :func:`attnopt.backend` to configure a plan or a budget.
     """
-    return RewriteBackend(exact_everywhere, inductor=True)(gm, example_inputs)
+    return RewriteBackend(exact_everywhere, inductor=True)(gm, example_inputs, **kwargs)

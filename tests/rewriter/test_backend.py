@@ -68,3 +68,31 @@ def test_compile_backend_does_not_recompile_per_length():
             torch.testing.assert_close(compiled(**call).logits, model(**call).logits, rtol=1e-4, atol=1e-4)
     assert len(backend.compiles) <= 2, backend.compiles
     assert all(c["rewritten"] == 2 for c in backend.compiles)
+
+
+def test_compile_modes_reach_inductor_and_the_model_is_one_graph(monkeypatch):
+    """``torch.compile(..., mode=...)`` hands mode/options to a custom backend: they must configure
+    Inductor as without attnopt (reduce-overhead = CUDA graphs, a no-op on CPU tensors), and the
+    attnopt operators must not break the graph."""
+    import torch._inductor.compile_fx as cfx
+
+    torch.manual_seed(8)
+    model = _tiny_llama()
+    call = _llama_call(24)
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(gm, example_inputs, *args, **kwargs):
+        seen.append(kwargs.get("config_patches"))
+        return real(gm, example_inputs, *args, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    backend = attnopt.backend()  # exact everywhere
+    compiled = torch.compile(copy.deepcopy(model), backend=backend, mode="reduce-overhead")
+    by_name = torch.compile(copy.deepcopy(model), backend="attnopt", options={"max_autotune": False})
+    with torch.no_grad():
+        want = model(**call).logits
+        torch.testing.assert_close(compiled(**call).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(by_name(**call).logits, want, rtol=1e-4, atol=1e-4)
+    assert len(backend.compiles) == 1 and backend.compiles[0]["rewritten"] == 2  # one graph: no breaks
+    assert {"triton.cudagraphs": True} in seen and {"max_autotune": False} in seen  # (compile_fx recurses)
