@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from attnopt.codegen.ops import op_for
-from attnopt.rewriter.rewrite import Choice, next_rewrite_id
+from attnopt.rewriter.rewrite import Choice, op_config, op_family
 
 __all__ = ["PlannedSdpa", "planned_sdpa"]
 
@@ -99,21 +98,11 @@ class PlannedSdpa(TorchFunctionMode):
         q, k, v = call["query"], call["key"], call["value"]
         if choice is None or call.get("dropout_p", 0.0) or q.dim() != 4 or k.dim() != 4:
             return None
-        family = "exact" if choice.family == "head_pruned" else choice.family  # pruned weights: exact
         scale = call.get("scale")
-        config = {
-            "site": name,
-            "rewrite_id": next_rewrite_id(),
-            "family": choice.family,
-            "config": choice.config,
-            "mask_static": False,  # unknown here: the operator classifies the mask per call
-            "window": None,
-            "causal_align": "top_left",  # SDPA's is_causal
-            "min_q_len": choice.min_q_len,
-            "min_kv_len": choice.min_kv_len,
-        }
+        # The model's mask may depend on input values: the operator classifies it per call.
+        config = op_config(name, choice, mask_static=False, causal_align="top_left")  # SDPA's is_causal
         self.rewritten.append(name)
-        return op_for(family)(
+        return op_for(op_family(choice))(
             q,
             k,
             v,
@@ -121,7 +110,7 @@ class PlannedSdpa(TorchFunctionMode):
             list(choice.params),
             float(q.shape[-1] ** -0.5 if scale is None else scale),
             bool(call.get("is_causal", False)),
-            json.dumps(config, sort_keys=True),
+            config,
         )
 
 

@@ -32,11 +32,6 @@ aten = torch.ops.aten
 _REWRITE_IDS = itertools.count()
 
 
-def next_rewrite_id() -> int:
-    """A fresh id for one rewritten call site (keys the operator's per-site mask cache)."""
-    return next(_REWRITE_IDS)
-
-
 class RewriteError(RuntimeError):
     """A site could not be rewritten; the message names the pass and the node."""
 
@@ -119,21 +114,35 @@ def _param_nodes(gm: fx.GraphModule, site: AttentionSite, params: list[torch.Ten
     return nodes
 
 
-def _op_config(site: AttentionSite, choice: Choice, m: SiteMatch) -> str:
+def op_config(site_name: str, choice: Choice, *, mask_static: bool, causal_align: str) -> str:
+    """The ``config`` string an operator call for ``choice`` at ``site_name`` receives.
+
+    One place for graph rewrites and export-time routing (:mod:`attnopt.rewriter.export_mode`),
+    so both hand the operators the same keys.
+    """
     cfg = {
-        "site": site.name,
+        "site": site_name,
         # Unique per rewritten site: the operator caches per-shape facts about static masks
         # under this key, and two models (or two captures) may share site names.
-        "rewrite_id": next_rewrite_id(),
+        "rewrite_id": next(_REWRITE_IDS),
         "family": choice.family,
         "config": choice.config,
-        "mask_static": site.mask_static,
+        "mask_static": mask_static,
         "window": None,
-        "causal_align": m.causal_align,
+        "causal_align": causal_align,
         "min_q_len": choice.min_q_len,
         "min_kv_len": choice.min_kv_len,
     }
     return json.dumps(cfg, sort_keys=True)
+
+
+def op_family(choice: Choice) -> str:
+    """The operator that runs ``choice``: a head-pruned site runs exact attention on its sliced weights."""
+    return "exact" if choice.family == "head_pruned" else choice.family
+
+
+def _op_config(site: AttentionSite, choice: Choice, m: SiteMatch) -> str:
+    return op_config(site.name, choice, mask_static=site.mask_static, causal_align=m.causal_align)
 
 
 def _op_scale(site: AttentionSite, m: SiteMatch) -> float:
@@ -145,7 +154,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, choice: Choice) -> fx.
     """Replace one site's output with an operator call; returns the new output node."""
     m: SiteMatch = site.graph
     graph = gm.graph
-    family = "exact" if choice.family == "head_pruned" else choice.family
+    family = op_family(choice)
     if m.pattern == "mha_functional":
         return _retarget_mha(gm, site, choice, family, m)
     with graph.inserting_before(m.output):
