@@ -85,9 +85,12 @@ def head0_error(q, k, v, out, allowed) -> float:
     return float((out[:, :1].double() - ref).norm() / ref.norm())
 
 
-def run_case(name: str, n: int, cfg: BlockSparseConfig, pairs: int, heads: int = 8, dim: int = 64) -> dict:
+def run_case(name: str, n: int, cfg: BlockSparseConfig, pairs: int, heads: int = 8, dim: int = 64,
+             kv_heads: int | None = None) -> dict:  # fmt: skip
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
+    kv_heads = kv_heads or heads
+    q = torch.randn(1, heads, n, dim)
+    k, v = (torch.randn(1, kv_heads, n, dim) for _ in range(2))
     call = call_for(q, k, v, cfg)
     out = cpu_bs.block_sparse_cpu(call)
     if cfg.mode == "static":
@@ -98,7 +101,8 @@ def run_case(name: str, n: int, cfg: BlockSparseConfig, pairs: int, heads: int =
         allowed = layout.to_dense()
         density = float(allowed.float().mean())
     err = head0_error(q, k, v, out, allowed)
-    res = paired(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    gqa = kv_heads != heads
+    res = paired(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa),
                  lambda: cpu_bs.block_sparse_cpu(call), pairs)  # fmt: skip
     scores_dense = heads * n * (n + 1) / 2
     scores_sparse = density * heads * n * n
@@ -106,6 +110,7 @@ def run_case(name: str, n: int, cfg: BlockSparseConfig, pairs: int, heads: int =
         case=name,
         N=n,
         heads=heads,
+        kv_heads=kv_heads,
         head_dim=dim,
         config=cfg.describe(),
         density_of_full_map=round(density, 4),
@@ -166,6 +171,12 @@ def main() -> None:
         ("dynamic top20% block=64 N=4096", 4096, BlockSparseConfig(mode="dynamic", density=0.2, block=64)),
     ]
     rows = [run_case(name, n, cfg, args.pairs) for name, n, cfg in cases]
+    # codelm's shape (4 heads on 2 KV heads, N=2048) with per-head windows the planner fitted there
+    # (benchmarks/results/planning*.md), all heads in one call
+    for windows in ((64, 90, 127, 131), (222, 129, 125, 228), (467, 463, 413, 454)):
+        cfg = BlockSparseConfig(mode="static", sink=4, windows=windows, min_window=1, calib_len=2048)
+        name = f"codelm shape sink=4 windows={list(windows)}"
+        rows.append(run_case(name, 2048, cfg, args.pairs, heads=4, kv_heads=2))
     if args.sweep:
         default = cpu_bs.DEFAULT_CHUNK
         for chunk in (32, 64, 128, 256):
