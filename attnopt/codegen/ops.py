@@ -261,6 +261,9 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
         family != "exact" or _OBSERVER is not None or bool(_OVERRIDES and cfg.get("site", "") in _OVERRIDES)
     )
     mask, causal, window = _resolve_mask(attn_mask, q_len, kv_len, is_causal, cfg, variant)
+    # One query (a decode step) at the end of the keys sees every key whether or not the call
+    # says causal (attnopt's causal is bottom-right): give every kernel the causal form.
+    causal = causal or q_len == 1
     if not params and "params_ref" in cfg:
         params = _PARAM_BANK[cfg["params_ref"]]
     call = AttentionCall(q, k, v, mask, list(params), float(scale), causal, window, cfg)

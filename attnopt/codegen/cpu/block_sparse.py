@@ -497,8 +497,7 @@ def _config(call: AttentionCall) -> BlockSparseConfig:
 
 
 def _static(call: AttentionCall, cfg: BlockSparseConfig) -> torch.Tensor:
-    # A decode step (one query at the end of the keys) that sees every key *is* causal.
-    if not call.causal and call.q.shape[-2] != 1:
+    if not call.causal:
         raise ValueError(
             f"Expected a causal call for static sink+window mode (site {call.config.get('site', '?')}), but got "
             "is_causal=False. Plan this site with mode='dynamic' instead."
