@@ -39,7 +39,8 @@ DEFAULT_MAX_ERROR = 0.02
 #: The error metrics a budget can be stated in, and what ``max_error`` means for each.
 METRICS = {
     "output_rel_error": "relative L2 error of attention outputs against exact attention",
-    "perplexity": "relative perplexity increase of the model (0.01 = +1%)",
+    "perplexity": "relative perplexity increase of the model (0.01 = +1%): exp(KL) - 1 of its next-token "
+    "distributions, or the increase on the calls' labels when larger",
     "cosine": "1 - cosine similarity of outputs against exact attention",
 }
 

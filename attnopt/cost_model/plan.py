@@ -70,6 +70,8 @@ class PlanEntry:
             defines a decode form for this config (see ``Family.decode_form``).
         min_len: calls with fewer keys run exact attention: the context length below which the
             variant is predicted not to pay off (0: every length).
+        end_to_end: the model's end-to-end error in the budget's metric with only this site
+            changed, measured on calibration calls (None when not measured).
     """
 
     site: str
@@ -85,6 +87,7 @@ class PlanEntry:
     notes: str = ""
     decode: str = "exact"
     min_len: int = 0
+    end_to_end: float | None = None
 
     def config_object(self) -> FamilyConfig:
         """The family's frozen config rebuilt from JSON."""
@@ -112,6 +115,7 @@ class PlanEntry:
             "notes": self.notes,
             "decode": self.decode,
             "min_len": self.min_len,
+            "end_to_end": self.end_to_end,
         }
 
 

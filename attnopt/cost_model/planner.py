@@ -264,7 +264,9 @@ def solve_assignment(
         options: site → options (each with an exact option).
         budget: the parsed budget; ``budget.tolerance`` is the per-site error bound.
         other_seconds: time outside attention, for ``scope="model"`` speedups and latencies.
-        max_total_error: optional bound on the sum of per-site errors (problem b).
+        max_total_error: optional bound on the sum of per-site errors. Under a speed target, a
+            plan that meets the target only above this bound does not meet the budget; the
+            fastest plan within it is returned instead (as in problem b).
         families, exclude, pin: restrictions, see :func:`filter_options`.
         site_error_cap: per-site error bound under a speed target (see :func:`site_error_bound`).
 
@@ -284,6 +286,8 @@ def solve_assignment(
     choice = None
     if target is not None:
         choice = _min_error(allowed, target - other_seconds)
+        if choice is not None and max_total_error is not None and _totals(choice)[1] > max_total_error * (1 + 1e-9):
+            choice = None
     feasible = choice is not None or target is None
     if choice is None:
         choice = _min_seconds(allowed, max_total_error)

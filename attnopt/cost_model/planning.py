@@ -62,6 +62,7 @@ def build_options(
     stats: Mapping[str, SiteStats] | None = None,
     measure: bool | str = False,
     timings: dict[str, float] | None = None,
+    end_to_end: bool = False,
 ) -> dict[str, list[Option]]:
     """Score every candidate: predicted (and measured) latency, then error on calibration samples.
 
@@ -72,6 +73,10 @@ def build_options(
     measured (it is infinite, with a note); on a CPU that skips the slow emulated kernels' error
     runs. A candidate whose error cannot be measured (no stats and no pre-filled error, or a
     failing kernel) also gets an infinite error; exact is added where missing.
+
+    With ``end_to_end=True`` an option's error is its candidate's ``end_to_end`` error (the
+    model's metric with only that site changed; infinite where it was not measured) instead of
+    the site-level error, which is still measured and kept on the candidate for reports.
     """
     timings = timings if timings is not None else {}
     options: dict[str, list[Option]] = {}
@@ -119,6 +124,8 @@ def build_options(
             timings["latency"] = timings.get("latency", 0.0) + (t1 - t0)
             timings["errors"] = timings.get("errors", 0.0) + (time.perf_counter() - t1)
             error = _metric_error(budget, rel, cos)
+            if end_to_end and cand is not exact:
+                error = cand.end_to_end if cand.end_to_end is not None and math.isfinite(error) else math.inf
             site_opts.append(
                 Option(name, cand, seconds, error, predicted=predicted, measured=measured, cosine=cos)
             )
@@ -169,6 +176,7 @@ def _entry(site: AttentionSite, opt: Option, exact: Option, min_len: int = 0) ->
         notes=opt.candidate.notes,
         decode="family" if decodes else "exact",
         min_len=min_len,
+        end_to_end=None if opt.family == "exact" else opt.candidate.end_to_end,
     )
 
 
@@ -191,6 +199,7 @@ def make_plan(
     pin: Mapping[str, str] | None = None,
     with_pareto: bool = True,
     site_error_cap: float | None = None,
+    end_to_end: bool = False,
 ) -> Plan:
     """Plan every site under ``budget``.
 
@@ -210,6 +219,10 @@ def make_plan(
         with_pareto: also compute the Pareto front (one extra MILP per point).
         site_error_cap: per-site error bound under a speed target (default
             :data:`~attnopt.cost_model.planner.SITE_ERROR_CAP`).
+        end_to_end: plan on the candidates' measured end-to-end errors (``Candidate.end_to_end``)
+            instead of site errors. They are in the budget's own metric, so the tolerance bounds
+            both each site's error and, unless ``max_total_error`` says otherwise, their sum (to
+            first order, one-site deviations add up through the residual stream).
 
     Returns:
         The :class:`Plan`; ``plan.explanation`` says why when the speed target is unreachable.
@@ -220,7 +233,12 @@ def make_plan(
     t0 = time.perf_counter()
     prof = profile if isinstance(profile, DeviceProfile) else get_profile(profile)
     timings["profile"] = time.perf_counter() - t0
-    options = build_options(site_map, candidates, budget, prof, stats=stats, measure=measure, timings=timings)
+    options = build_options(
+        site_map, candidates, budget, prof, stats=stats, measure=measure, timings=timings, end_to_end=end_to_end
+    )
+    if end_to_end:
+        site_error_cap = budget.tolerance if site_error_cap is None else site_error_cap
+        max_total_error = budget.tolerance if max_total_error is None else max_total_error
     if budget.scope == "model" and other_seconds == 0.0:
         log.info("attnopt: scope='model' without other_seconds plans attention time only")
     t1 = time.perf_counter()

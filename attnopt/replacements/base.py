@@ -114,6 +114,9 @@ class Candidate:
         error: measured relative L2 error of the site output on calibration data (filled by
             the cost model's error measurement; families may pre-fill from fitting).
         notes: anything a report should say (e.g. "density 0.12 at N=2048").
+        end_to_end: the model's end-to-end error, in the budget's metric, when this candidate
+            alone replaces exact attention on calibration calls (filled by the pipeline for the
+            candidates a plan may take; None when not measured).
     """
 
     site: str
@@ -123,6 +126,7 @@ class Candidate:
     cost: CostFormula | None = None
     error: float | None = None
     notes: str = ""
+    end_to_end: float | None = None
 
     @property
     def label(self) -> str:

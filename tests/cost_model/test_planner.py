@@ -102,6 +102,33 @@ def test_least_latency_under_tolerance_matches_brute_force(data, tol, total):
     assert math.isclose(res.seconds, best[0], abs_tol=1e-9) and math.isclose(res.error, best[1], abs_tol=1e-9)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=site_data, speedup=st.sampled_from([1.1, 1.5, 2.0, 3.0]), total=st.sampled_from([0.0, 0.015, 0.04]))
+def test_speed_target_with_a_total_error_bound_matches_brute_force(data, speedup, total):
+    """Planning on end-to-end errors: the target must be met within the summed bound, else the
+    fastest plan within that bound is returned as not meeting the budget."""
+    opts = _instance(data)
+    budget = Budget(speedup=speedup, max_error=0.04)
+    res = solve_assignment(opts, budget, max_total_error=total, site_error_cap=0.04)
+    target = 0.1 * len(opts) / speedup
+    lists = [[o for o in v if o.family == "exact" or o.error <= 0.04] for v in opts.values()]
+    combos = [
+        (round(sum(o.error for o in c), 9), round(sum(o.seconds for o in c), 9))
+        for c in itertools.product(*lists)
+        if sum(o.error for o in c) <= total + 1e-12
+    ]
+    meeting = [c for c in combos if c[1] <= target + 1e-12]
+    if meeting:
+        best_err, best_secs = min(meeting)
+        assert res.feasible
+        assert math.isclose(res.error, best_err, abs_tol=1e-9) and math.isclose(res.seconds, best_secs, abs_tol=1e-9)
+    else:
+        fastest = min((secs, err) for err, secs in combos)
+        assert not res.feasible
+        assert math.isclose(res.seconds, fastest[0], abs_tol=1e-9) and math.isclose(res.error, fastest[1], abs_tol=1e-9)
+    assert res.error <= total + 1e-9
+
+
 def test_exact_budget_keeps_every_site_exact():
     opts = _instance([[(10, 0), (20, 1)], [(30, 2)]])
     res = solve_assignment(opts, Budget(speedup=1.0, max_error=0.0))
