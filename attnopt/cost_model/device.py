@@ -50,20 +50,28 @@ class DeviceProfile:
         matmul_tflops: peak dense matmul rate per dtype/format name (``"float32"``,
             ``"float16"``, ``"bfloat16"``, ``"int8"``, ``"float8_e4m3fn"``), TFLOP/s (TOP/s).
         memory_gbps: sustained memory bandwidth (read + write), GB/s.
-        efficiency: per family, the share of ``matmul_tflops[site dtype]`` its kernel reaches
-            on the FLOPs its cost formula states (``"exact"`` = the dense SDPA backend).
-        overhead_us: per family, a fixed cost per call on top of ``launch_overhead_us``
+        efficiency: per kernel, the share of ``matmul_tflops[site dtype]`` it reaches on the
+            FLOPs its cost formula states (``"exact"`` = the dense SDPA backend). Keys are
+            ``Family.profile_key`` values: a family name, or ``"<family>:<kernel>"`` where a
+            family runs several kernels; a missing ``"<family>:<kernel>"`` falls back to the
+            family's own entry, a missing family to exact's.
+        overhead_us: per kernel, a fixed cost per call on top of ``launch_overhead_us``
             (Python-level work of CPU kernels, block-layout set-up, ...).
-        causal_tile: per family, the tile size by which its kernel skips masked causal work
+        causal_tile: per kernel, the tile size by which it skips masked causal work
             (0 or absent: its cost formula already counts the right work); see
             :func:`attnopt.cost_model.latency.causal_work_factor`.
+        score_ns: per kernel, nanoseconds per attention score on top of the FLOP time: the
+            softmax, masking and scaling work that does not grow with the head dim (absent:
+            none fitted, the FLOP rate covers it).
         launch_overhead_us: fixed cost of one operator call.
         source: where the numbers come from (``"measured ..."`` or datasheet references).
         versions: torch/triton/attnopt versions the profile was measured with.
         target: the short name the profile was requested as (``"h100"``, ``"local"``, ...).
     """
 
-    VERSION: ClassVar[int] = 1
+    #: 2: per-kernel keys and ``score_ns``. Part of the cache file name, so profiles measured
+    #: with an older fit are measured again rather than reused.
+    VERSION: ClassVar[int] = 2
 
     name: str
     device_type: str
@@ -72,6 +80,7 @@ class DeviceProfile:
     efficiency: dict[str, float] = field(default_factory=dict)
     overhead_us: dict[str, float] = field(default_factory=dict)
     causal_tile: dict[str, int] = field(default_factory=dict)
+    score_ns: dict[str, float] = field(default_factory=dict)
     launch_overhead_us: float = 5.0
     source: str = ""
     versions: dict[str, str] = field(default_factory=dict)
@@ -93,17 +102,30 @@ class DeviceProfile:
             tflops = min(self.matmul_tflops.values())
         return tflops * 1.0e12
 
-    def family_efficiency(self, family: str) -> float:
-        """Efficiency of ``family``'s kernel; a family never measured is taken as fast as exact."""
+    @staticmethod
+    def _lookup(table: dict[str, Any], key: str) -> Any:
+        """``table[key]``, else the entry of the key's family, else None (see ``efficiency``)."""
+        family = key.split(":", 1)[0]
         if family == "head_pruned":  # runs the exact operator with fewer heads
-            family = "exact"
-        return self.efficiency.get(family, self.efficiency.get("exact", 0.5))
+            key = family = "exact"
+        return table[key] if key in table else table.get(family)
 
-    def family_overhead_s(self, family: str) -> float:
-        """Fixed seconds per call of ``family``: launch overhead plus the family's own."""
-        if family == "head_pruned":
-            family = "exact"
-        return (self.launch_overhead_us + self.overhead_us.get(family, 0.0)) * 1.0e-6
+    def family_efficiency(self, key: str) -> float:
+        """Efficiency of a kernel (a profile key or family name); one never measured is taken as fast as exact."""
+        value = self._lookup(self.efficiency, key)
+        return value if value is not None else self.efficiency.get("exact", 0.5)
+
+    def family_overhead_s(self, key: str) -> float:
+        """Fixed seconds per call of a kernel: launch overhead plus the kernel's own."""
+        return (self.launch_overhead_us + (self._lookup(self.overhead_us, key) or 0.0)) * 1.0e-6
+
+    def family_score_s(self, key: str) -> float:
+        """Seconds per attention score a kernel spends beyond its FLOP time (0 when none was fitted)."""
+        return (self._lookup(self.score_ns, key) or 0.0) * 1.0e-9
+
+    def family_causal_tile(self, key: str) -> int:
+        """Tile by which a kernel skips masked causal work (0: its formula counts the right work)."""
+        return int(self._lookup(self.causal_tile, key) or 0)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict with a schema version."""
@@ -232,7 +254,8 @@ def _cache_file(name: str, directory: pathlib.Path) -> pathlib.Path:
     stem = re.sub(
         r"[^A-Za-z0-9._-]+",
         "_",
-        f"profile-{name}-torch{v['torch']}-triton{v['triton']}-attnopt{v['attnopt']}-k{kernels_digest()}",
+        f"profile-{name}-torch{v['torch']}-triton{v['triton']}-attnopt{v['attnopt']}-k{kernels_digest()}"
+        f"-p{DeviceProfile.VERSION}",
     )
     return directory / f"{stem}.json"
 

@@ -2,11 +2,12 @@
 
 Prediction is a pure function of (site, candidate, profile, shape):
 
-    t = max(flops / (rate[dtype] * efficiency[family]), bytes / bandwidth)
-        + launch_overhead + overhead[family]
+    t = max(flops / (rate[dtype] * efficiency[kernel]) + scores * score_time[kernel], bytes / bandwidth)
+        + launch_overhead + overhead[kernel]
 
-with FLOPs and bytes from the candidate's sympy :class:`~attnopt.replacements.base.CostFormula`
-evaluated at the site's shape. Measurement times ``torch.ops.attnopt.<family>`` itself (for
+with FLOPs, bytes and softmax scores from the candidate's sympy
+:class:`~attnopt.replacements.base.CostFormula` evaluated at the site's shape, and ``kernel``
+the family's ``profile_key`` for the candidate's config. Measurement times ``torch.ops.attnopt.<family>`` itself (for
 ``head_pruned``: the exact operator on the kept heads), warm-up then median, and caches the
 result per (site, config, shape, device); :func:`measure_relative` times a candidate in
 interleaved pairs with exact attention, which is what planning uses to rank a site's candidates.
@@ -34,6 +35,7 @@ __all__ = [
     "measure_relative",
     "op_config",
     "predict_latency",
+    "profile_key",
     "site_shape",
 ]
 
@@ -92,13 +94,28 @@ def predict_latency(
         0.93
     """
     shape = shape or site_shape(site)
-    flops, nbytes = _cost_of(site, candidate).evaluate(**shape)
-    tile = profile.causal_tile.get("exact" if candidate.family == "head_pruned" else candidate.family, 0)
+    cost = _cost_of(site, candidate)
+    flops, nbytes = cost.evaluate(**shape)
+    scores = cost.score_count(**shape)
+    key = profile_key(candidate)
+    tile = profile.family_causal_tile(key)
     if tile and site.causal and not site.window:
-        flops *= causal_work_factor(int(shape["Nq"]), int(shape["Nk"]), tile)
-    compute = flops / (profile.rate(site.dtype) * profile.family_efficiency(candidate.family))
+        work = causal_work_factor(int(shape["Nq"]), int(shape["Nk"]), tile)
+        flops, scores = flops * work, scores * work
+    compute = flops / (profile.rate(site.dtype) * profile.family_efficiency(key))
+    compute += scores * profile.family_score_s(key)
     memory = nbytes / (profile.memory_gbps * 1.0e9)
-    return max(compute, memory) + profile.family_overhead_s(candidate.family)
+    return max(compute, memory) + profile.family_overhead_s(key)
+
+
+def profile_key(candidate: Candidate) -> str:
+    """The device-profile entry that predicts ``candidate``'s kernel (``Family.profile_key``)."""
+    from attnopt.replacements.base import get_family
+
+    config = candidate.config
+    if isinstance(config, dict):
+        config = get_family(candidate.family).config_type.from_json(config)
+    return get_family(candidate.family).profile_key(config)
 
 
 def causal_work_factor(q_len: int, kv_len: int, tile: int) -> float:

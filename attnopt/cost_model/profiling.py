@@ -5,10 +5,14 @@ What is measured, and why each number:
 * matmul rate per dtype (square matmuls large enough to be near peak): the roofline's compute roof;
 * memory bandwidth (a large copy, read + write): the roofline's memory roof;
 * launch overhead (the exact operator on a tiny input): the fixed cost of any call;
-* per family, the kernel's efficiency and fixed cost: each registered kernel is timed through
-  ``torch.ops.attnopt.<family>`` at a few shapes and ``t = overhead + flops / (rate * eff)``
-  is fitted in relative least squares (``overhead + flops/x`` is Hockney's ``n_1/2`` model,
-  which is what makes small shapes predictable on a CPU whose kernels only saturate late).
+* per kernel (``Family.profile_key``: a family, or one of its kernels), its efficiency, fixed
+  cost and time per softmax score: each registered kernel is timed through
+  ``torch.ops.attnopt.<family>`` at a few shapes (head dims 32, 64 and 128) and
+  ``t = overhead + flops / (rate * eff) + scores * score_time`` is fitted in relative least
+  squares (``overhead + flops/x`` is Hockney's ``n_1/2`` model, which is what makes small shapes
+  predictable on a CPU whose kernels only saturate late; the score term is the softmax and
+  masking work that does not grow with the head dim, which a FLOP rate alone fitted at
+  ``D=64`` over-charges at ``D=128``).
 
 The whole measurement takes well under 20 s on a 2-core CPU and is cached (see
 :func:`attnopt.cost_model.device.get_profile`).
@@ -17,6 +21,7 @@ The whole measurement takes well under 20 s on a 2-core CPU and is cached (see
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import NamedTuple
@@ -37,6 +42,7 @@ __all__ = [
     "CAUSAL_TILES",
     "Timing",
     "fit_family",
+    "fit_latency_terms",
     "fit_overhead_and_efficiency",
     "load_kernels",
     "measure_family",
@@ -126,40 +132,94 @@ MIN_EFFICIENCY, MAX_EFFICIENCY = 0.02, 4.0
 
 
 class Timing(NamedTuple):
-    """One timed call: the candidate's stated FLOPs, the median seconds, and the shape facts."""
+    """One timed call: the candidate's stated FLOPs, the median seconds, and the shape facts.
+
+    ``scores`` is the cost formula's softmax score count and ``key`` the profile entry the
+    timing belongs to (``Family.profile_key``; empty: the family's own).
+    """
 
     flops: float
     seconds: float
     q_len: int
     kv_len: int
     causal: bool
+    scores: float = 0.0
+    key: str = ""
+
+
+def fit_latency_terms(
+    flops: list[float], scores: list[float], seconds: list[float], rate: float
+) -> tuple[float, float, float, float]:
+    """Fit ``seconds = overhead + flops / (rate * eff) + scores * score_s`` in relative least squares.
+
+    Every subset of the terms that keeps the FLOP term is solved; a subset whose coefficients
+    come out negative is physically meaningless and skipped, and of the rest the one with the
+    least relative RMS residual wins, a term being kept only when it lowers the residual by
+    more than 5% of itself (a third coefficient fitted to noise would mislead every other
+    shape). Returns ``(overhead_s >= 0, eff > 0, score_s >= 0, relative_rms)``.
+    """
+    if not (len(flops) == len(scores) == len(seconds)) or not flops:
+        raise ValueError(
+            f"Expected equal, non-empty lists, but got {len(flops)} flops, {len(scores)} scores and "
+            f"{len(seconds)} times."
+        )
+    t = torch.tensor(seconds, dtype=torch.float64)
+    columns = {
+        "overhead": torch.ones_like(t),
+        "flops": torch.tensor(flops, dtype=torch.float64),
+        "scores": torch.tensor(scores, dtype=torch.float64),
+    }
+    best: tuple[float, dict[str, float]] | None = None
+    for names in (("flops",), ("overhead", "flops"), ("flops", "scores"), ("overhead", "flops", "scores")):
+        if len(names) > len(flops) or ("scores" in names and not columns["scores"].any()):
+            continue
+        design = torch.stack([columns[n] / t for n in names], dim=1)
+        coef = torch.linalg.lstsq(design, torch.ones_like(t)[:, None]).solution.flatten().tolist()
+        fit = dict(zip(names, coef))
+        if fit["flops"] <= 0 or any(v < 0 for v in fit.values()):
+            continue
+        # an overhead this far outside physics means disturbed timings (a loaded machine)
+        if fit.get("overhead", 0.0) > 0.5 * float(t.min()):
+            continue
+        rms = float((((design @ torch.tensor(coef, dtype=torch.float64)) - 1.0) ** 2).mean().sqrt())
+        if best is None or rms < 0.95 * best[0]:
+            best = (rms, fit)
+    if best is None:  # nothing physical: the plain ratio fit
+        x = columns["flops"]
+        best = (math.nan, {"flops": float((x / t).sum() / (x / t).pow(2).sum())})
+    rms, fit = best
+    eff = min(max(1.0 / (fit["flops"] * rate), MIN_EFFICIENCY), MAX_EFFICIENCY)
+    return fit.get("overhead", 0.0), eff, fit.get("scores", 0.0), rms
 
 
 #: Tile sizes tried when fitting how a kernel skips causal work (0 = as its formula says).
 CAUSAL_TILES = (0, 32, 64, 128, 256, 512, 1024)
 
 
-def fit_family(points: list[Timing], rate: float) -> tuple[float, float, int, float]:
-    """Fit overhead, efficiency and causal tile of one family's timings.
+def fit_family(points: list[Timing], rate: float) -> tuple[float, float, int, float, float]:
+    """Fit overhead, efficiency, causal tile and time per score of one kernel's timings.
 
-    Every tile in :data:`CAUSAL_TILES` is tried (flops of causal points scaled by
-    :func:`~attnopt.cost_model.latency.causal_work_factor`) and the one with the least relative
-    RMS residual wins. Returns ``(overhead_s, eff, tile, relative_rms)``.
+    Every tile in :data:`CAUSAL_TILES` is tried (flops and scores of causal points scaled by
+    :func:`~attnopt.cost_model.latency.causal_work_factor`), each with
+    :func:`fit_latency_terms`, and the one with the least relative RMS residual wins.
+    Returns ``(overhead_s, eff, tile, relative_rms, score_s)``.
     """
     from attnopt.cost_model.latency import causal_work_factor
 
-    best: tuple[float, float, int, float] | None = None
+    if not points:
+        raise ValueError("Expected at least one timing to fit, but got none.")
+    best: tuple[float, float, int, float, float] | None = None
     tiles = CAUSAL_TILES if any(p.causal for p in points) else (0,)
+    seconds = [p.seconds for p in points]
     for tile in tiles:
-        flops = [p.flops * (causal_work_factor(p.q_len, p.kv_len, tile) if p.causal else 1.0) for p in points]
-        seconds = [p.seconds for p in points]
-        overhead, eff = fit_overhead_and_efficiency(flops, seconds, rate)
-        pred = [overhead + f / (rate * eff) for f in flops]
+        work = [causal_work_factor(p.q_len, p.kv_len, tile) if p.causal else 1.0 for p in points]
+        flops = [p.flops * w for p, w in zip(points, work)]
+        scores = [p.scores * w for p, w in zip(points, work)]
+        overhead, eff, score_s, _ = fit_latency_terms(flops, scores, seconds, rate)
+        pred = [overhead + f / (rate * eff) + s * score_s for f, s in zip(flops, scores)]
         rms = (sum(((a - b) / b) ** 2 for a, b in zip(pred, seconds)) / len(seconds)) ** 0.5
         if best is None or rms < best[3] - 1e-3:
-            best = (overhead, eff, tile, rms)
-    if best is None:
-        raise ValueError("Expected at least one timing to fit, but got none.")
+            best = (overhead, eff, tile, rms, score_s)
     return best
 
 
@@ -173,15 +233,22 @@ def _config_string(site_name: str, family: str, config_json: dict, window: int |
 
 
 def _fit_candidates(fam, heads: int, d: int, causal: bool, max_candidates: int) -> list:
-    """Candidates fitted on a short synthetic site; their configs/params are reused at other lengths."""
+    """Candidates fitted on a short synthetic site; their configs/params are reused at other lengths.
+
+    The first candidate of each kernel (``fam.profile_key``) comes first, so a family with
+    several kernels has each of them timed before a second config of any.
+    """
     from attnopt.cost_model.synthetic import make_site, make_stats
 
     site = make_site(f"profile.{fam.name}#0", heads=heads, seq=FIT_SEQ, head_dim=d, causal=causal)
     stats = None if fam.name == "exact" else make_stats(site, num_samples=1)
     cheap = getattr(fam, "profile_candidates", None)  # optional hook: unfitted params, same shapes
-    if cheap is not None:
-        return list(cheap(site, stats))[:max_candidates]
-    return fam.candidates(site, stats)[:max_candidates]
+    cands = list(cheap(site, stats)) if cheap is not None else fam.candidates(site, stats)
+    firsts: dict[str, object] = {}
+    for cand in cands:
+        firsts.setdefault(fam.profile_key(cand.config), cand)
+    rest = [c for c in cands if all(c is not f for f in firsts.values())]
+    return (list(firsts.values()) + rest)[:max_candidates]
 
 
 def measure_family(
@@ -189,7 +256,7 @@ def measure_family(
     dev: torch.device,
     shapes=None,
     *,
-    repeats: int = 3,
+    repeats: int = 5,
     max_candidates: int = 2,
     time_budget_s: float = 6.0,
 ) -> list[Timing]:
@@ -239,9 +306,12 @@ def measure_family(
                 def call(cfg=cfg, params=params):
                     return op(q, k, v, None, params, site.scale, site.causal, cfg)  # noqa: B023
 
-            flops, _ = fam.cost(site, cand.config).evaluate(**shape)
+            cost = fam.cost(site, cand.config)
+            flops, _ = cost.evaluate(**shape)
             t = median_time(call, device=dev, warmup=1, repeats=repeats, max_seconds=2.0)
-            points.append(Timing(flops, t, seq, seq, causal))
+            points.append(
+                Timing(flops, t, seq, seq, causal, cost.score_count(**shape), fam.profile_key(cand.config))
+            )
     return points
 
 
@@ -289,6 +359,11 @@ def _kernel_families(dev: torch.device) -> list[str]:
     return ["exact"] + sorted(fams - {"exact"})
 
 
+def _measured(profile: DeviceProfile, family: str) -> bool:
+    """Whether ``profile`` holds a fit for ``family`` or for one of its kernels."""
+    return any(key.split(":", 1)[0] == family for key in profile.efficiency)
+
+
 def profile_device(
     device: torch.device | str | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -314,7 +389,7 @@ def profile_device(
     name = local_device_name(dev)
     wanted = families or _kernel_families(dev)
     profile = None if refresh else load_cached_profile(name, cache_dir)
-    if profile is not None and all(f in profile.efficiency or (name, f) in _FAILED for f in wanted):
+    if profile is not None and all(_measured(profile, f) or (name, f) in _FAILED for f in wanted):
         return profile
     start = time.perf_counter()
     if profile is None:
@@ -330,7 +405,7 @@ def profile_device(
         )
     rate = profile.rate("float32")
     for family in wanted:
-        if family in profile.efficiency or (name, family) in _FAILED:
+        if _measured(profile, family) or (name, family) in _FAILED:
             continue
         try:
             points = measure_family(family, dev)
@@ -338,14 +413,21 @@ def profile_device(
             log.warning("attnopt: could not profile family %r on %s: %s", family, name, e)
             _FAILED.add((name, family))
             continue
-        if not points:
-            continue
-        overhead, eff, tile, rms = fit_family(points, rate)
-        log.info("attnopt: profiled %s on %s: eff=%.3g tile=%d rms=%.2f", family, name, eff, tile, rms)
-        profile.efficiency[family] = round(min(max(eff, 1e-4), 4.0), 6)
-        profile.overhead_us[family] = round(max(overhead * 1e6 - profile.launch_overhead_us, 0.0), 3)
-        if tile:
-            profile.causal_tile[family] = tile
+        by_key: dict[str, list[Timing]] = {}
+        for p in points:
+            by_key.setdefault(p.key or family, []).append(p)
+        for key, group in by_key.items():
+            overhead, eff, tile, rms, score_s = fit_family(group, rate)
+            log.info(
+                "attnopt: profiled %s on %s: eff=%.3g tile=%d score=%.3gns rms=%.2f",
+                key, name, eff, tile, score_s * 1e9, rms,
+            )  # fmt: skip
+            profile.efficiency[key] = round(min(max(eff, 1e-4), 4.0), 6)
+            profile.overhead_us[key] = round(max(overhead * 1e6 - profile.launch_overhead_us, 0.0), 3)
+            if tile:
+                profile.causal_tile[key] = tile
+            if score_s > 0:
+                profile.score_ns[key] = round(score_s * 1e9, 6)
     synchronize(dev)
     profile.source = f"measured by attnopt.cost_model.profile_device in {time.perf_counter() - start:.1f} s"
     save_profile(profile, cache_dir)

@@ -90,15 +90,27 @@ class FamilyConfig:
 
 @dataclass(frozen=True)
 class CostFormula:
-    """FLOPs and bytes of one candidate as sympy expressions of :data:`SYMBOLS`."""
+    """FLOPs, bytes and softmax scores of one candidate as sympy expressions of :data:`SYMBOLS`.
+
+    ``scores`` counts the attention scores the kernel exponentiates (and masks, scales,
+    quantises): work per score that does not grow with the head dim, unlike the matmul FLOPs.
+    Profiles fit a time per score next to the FLOP rate, so a kernel timed at ``D=64`` is not
+    predicted twice as slow at ``D=128`` when half of its time was softmax.
+    """
 
     flops: sympy.Expr
     bytes: sympy.Expr
+    scores: sympy.Expr = sympy.Integer(0)
 
     def evaluate(self, **shape: int) -> tuple[float, float]:
         """Numbers at a concrete shape, e.g. ``evaluate(B=1, H=8, Hkv=8, Nq=4096, Nk=4096, D=64, Dv=64)``."""
         subs = {SYMBOLS[k]: v for k, v in shape.items() if k in SYMBOLS}
         return float(self.flops.subs(subs)), float(self.bytes.subs(subs))
+
+    def score_count(self, **shape: int) -> float:
+        """``scores`` at a concrete shape (same keywords as :meth:`evaluate`)."""
+        subs = {SYMBOLS[k]: v for k, v in shape.items() if k in SYMBOLS}
+        return float(sympy.sympify(self.scores).subs(subs))
 
 
 @dataclass
@@ -144,6 +156,15 @@ class Family(ABC):
         if not site.rewritable:
             return f"site {site.name} is not rewritable ({site.reason})"
         return None
+
+    def profile_key(self, config: FamilyConfig) -> str:
+        """The device-profile entry whose fitted speed predicts ``config``'s kernel.
+
+        One per kernel: a family whose configs run different kernels (block-sparse's static
+        band and its dynamic block selection) names each, ``"<family>:<kernel>"``, so one
+        kernel's efficiency is not averaged into another's.
+        """
+        return self.name
 
     @abstractmethod
     def candidates(self, site: AttentionSite, stats: SiteStats) -> list[Candidate]:

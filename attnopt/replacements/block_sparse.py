@@ -357,6 +357,10 @@ class BlockSparseFamily(Family):
         out += self._skip_candidates(site, stats)
         return out
 
+    def profile_key(self, config: FamilyConfig) -> str:
+        """``block_sparse:<mode>``: the static band, dynamic selection and skip kernels differ."""
+        return f"{self.name}:{config.mode}"
+
     def decode_form(self, config: FamilyConfig) -> bool:
         """Static sink+window heads decode over their sinks and window only (StreamingLLM's form);
         dynamic and skip selections are defined over query blocks, so their decode steps run exact."""
@@ -459,12 +463,12 @@ class BlockSparseFamily(Family):
             fixed = (config.sink_blocks + config.local_blocks) * config.block / s["Nk"]
             base = dense_cost(site, density=sympy.Min(1, share + fixed))
             pooled = 2 * s["B"] * s["H"] * s["Nq"] * s["Nk"] * s["D"] / config.block**2
-            return CostFormula(flops=base.flops + pooled, bytes=base.bytes)
+            return CostFormula(flops=base.flops + pooled, bytes=base.bytes, scores=base.scores)
         # skip: every Q.K^T block is computed (its max decides), softmax and P.V only for kept ones.
         share = sympy.Float(density if density is not None else 0.5)
         scores = s["B"] * s["H"] * s["Nq"] * s["Nk"] / (2 if causal_half else 1)
         flops = scores * (2 * s["D"] + 1) + scores * share * (2 * s["Dv"] + 5)
-        return CostFormula(flops=flops, bytes=dense_cost(site).bytes)
+        return CostFormula(flops=flops, bytes=dense_cost(site).bytes, scores=scores * share)
 
 
 register_family(BlockSparseFamily())

@@ -120,7 +120,7 @@ def dense_cost(site, density: sympy.Expr | float = 1) -> CostFormula:
     nbytes = (
         s["E"] * s["B"] * (s["H"] * s["Nq"] * (s["D"] + s["Dv"]) + s["Hkv"] * s["Nk"] * (s["D"] + s["Dv"]))
     )
-    return CostFormula(flops=flops, bytes=nbytes)
+    return CostFormula(flops=flops, bytes=nbytes, scores=scores)
 
 
 class ExactFamily(Family):

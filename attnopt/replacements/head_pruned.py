@@ -437,7 +437,9 @@ class HeadPrunedFamily(Family):
         density = sympy.Min(site.window, s["Nk"]) / s["Nk"] if site.window else 1
         base = dense_cost(site, density=density)
         subs = {s["H"]: s["H"] * keep_q, s["Hkv"]: s["Hkv"] * keep_kv}
-        return CostFormula(flops=base.flops.subs(subs), bytes=base.bytes.subs(subs))
+        return CostFormula(
+            flops=base.flops.subs(subs), bytes=base.bytes.subs(subs), scores=base.scores.subs(subs)
+        )
 
 
 def _keep_sets(scores: torch.Tensor, site: Any) -> list[tuple[int, ...]]:

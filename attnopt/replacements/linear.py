@@ -353,12 +353,14 @@ class LinearFamily(Family):
         flops += k_tok * 2 * f2 * s["Dv"] + q_tok * 2 * f2 * (s["Dv"] + 1)
         if site.causal:
             flops += q_tok * 2 * c * (f2 + s["Dv"])
+        scores = sympy.Integer(0)
         if config.window:
             band = sympy.Min(config.window + c, s["Nk"])
             flops += q_tok * band * (2 * s["D"] + 2 * s["Dv"] + 5)
+            scores = q_tok * band
         param_bytes = 4 * (s["H"] + s["Hkv"]) * (s["D"] + 1) * config.feature_dim
         nbytes = s["E"] * (q_tok * (s["D"] + s["Dv"]) + k_tok * (s["D"] + s["Dv"])) + param_bytes
-        return CostFormula(flops=flops, bytes=nbytes)
+        return CostFormula(flops=flops, bytes=nbytes, scores=scores)
 
 
 register_family(LinearFamily())

@@ -269,7 +269,8 @@ class QuantizedFamily(Family):
         """
         s = SYMBOLS
         density = sympy.Min(site.window, s["Nk"]) / s["Nk"] if site.window else 1
-        flops = dense_cost(site, density=density).flops
+        dense = dense_cost(site, density=density)
+        flops = dense.flops
         qk_b = _FORMAT_BYTES[config.qk_format]
         q_elems = s["B"] * s["H"] * s["Nq"] * s["D"]
         k_elems = s["B"] * s["Hkv"] * s["Nk"] * s["D"]
@@ -283,7 +284,7 @@ class QuantizedFamily(Family):
         else:
             v_bytes = s["E"] * v_elems
         out_bytes = s["E"] * s["B"] * s["H"] * s["Nq"] * s["Dv"]
-        return CostFormula(flops=flops, bytes=qk_bytes + v_bytes + out_bytes)
+        return CostFormula(flops=flops, bytes=qk_bytes + v_bytes + out_bytes, scores=dense.scores)
 
 
 register_family(QuantizedFamily())

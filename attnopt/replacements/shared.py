@@ -246,7 +246,7 @@ class SharedFamily(Family):
                 + s["Hkv"] * s["Nk"] * (s["D"] + s["Dv"])
             )
         )
-        return CostFormula(flops=flops, bytes=nbytes)
+        return CostFormula(flops=flops, bytes=nbytes, scores=pairs * s["H"] * share)
 
 
 register_family(SharedFamily())

@@ -16,7 +16,13 @@ from attnopt.cost_model.device import (
     load_cached_profile,
 )
 from attnopt.cost_model.latency import causal_work_factor
-from attnopt.cost_model.profiling import Timing, fit_family, fit_overhead_and_efficiency, profile_device
+from attnopt.cost_model.profiling import (
+    Timing,
+    fit_family,
+    fit_latency_terms,
+    fit_overhead_and_efficiency,
+    profile_device,
+)
 
 
 def test_seed_profiles_are_valid_and_sourced():
@@ -84,8 +90,55 @@ def test_fit_family_finds_the_causal_tile():
         flops = 4 * n * n * 133 / 2
         seconds = 1e-4 + flops * causal_work_factor(n, n, tile) / (rate * eff)
         points.append(Timing(flops, seconds, n, n, True))
-    overhead, got_eff, got_tile, rms = fit_family(points, rate)
+    overhead, got_eff, got_tile, rms, score_s = fit_family(points, rate)
     assert got_tile == tile and rms < 1e-6 and math.isclose(got_eff, eff, rel_tol=1e-6)
+    assert score_s == 0.0  # no score counts given: no score term
+
+
+def test_fit_separates_softmax_time_from_flop_time_across_head_dims():
+    """Timings made with a known time per score at D=32/64/128: the fit recovers it, and a
+    FLOP-only fit would not (it over-charges D=128, where softmax is a smaller share)."""
+    rate, eff, per_score, overhead = 1e11, 0.5, 2e-9, 1e-4
+    points = []
+    for n, d in ((256, 64), (1024, 64), (512, 128), (512, 32), (1024, 128)):
+        scores = 4 * n * n
+        flops = scores * (4 * d + 5)
+        points.append(Timing(flops, overhead + flops / (rate * eff) + scores * per_score, n, n, False, scores))
+    got_overhead, got_eff, got_tile, rms, score_s = fit_family(points, rate)
+    assert got_tile == 0 and rms < 1e-6
+    assert math.isclose(got_eff, eff, rel_tol=1e-4) and math.isclose(score_s, per_score, rel_tol=1e-4)
+    assert math.isclose(got_overhead, overhead, rel_tol=1e-3)
+    _, flop_only_eff, _, flop_only_rms, _ = fit_family([p._replace(scores=0.0) for p in points], rate)
+    assert flop_only_rms > 0.05  # the FLOP rate alone cannot serve three head dims
+
+
+def test_fit_latency_terms_drops_terms_that_would_be_negative():
+    rate = 1e11
+    flops = [1e7, 4e7, 1.6e8, 6.4e8]
+    seconds = [f / (rate * 0.4) for f in flops]  # pure FLOP time: no overhead, no score term
+    overhead, eff, score_s, rms = fit_latency_terms(flops, [f / 100 for f in flops], seconds, rate)
+    assert math.isclose(eff, 0.4, rel_tol=1e-6) and overhead >= 0 and score_s >= 0 and rms < 1e-6
+    with pytest.raises(ValueError, match="non-empty"):
+        fit_latency_terms([], [], [], rate)
+
+
+def test_profile_keys_fall_back_to_the_family_then_to_exact():
+    prof = DeviceProfile(
+        name="x",
+        device_type="cpu",
+        matmul_tflops={"float32": 1.0},
+        memory_gbps=10.0,
+        efficiency={"exact": 0.5, "block_sparse:static": 0.2, "quantized": 0.3},
+        overhead_us={"block_sparse:static": 40.0},
+        score_ns={"exact": 1.5},
+        launch_overhead_us=5.0,
+    )
+    assert prof.family_efficiency("block_sparse:static") == 0.2
+    assert prof.family_efficiency("block_sparse:dynamic") == 0.5  # neither the kernel nor the family: exact's
+    assert prof.family_efficiency("quantized:int8") == 0.3  # the family's own entry
+    assert prof.family_efficiency("head_pruned") == 0.5 and math.isclose(prof.family_score_s("head_pruned"), 1.5e-9)
+    assert math.isclose(prof.family_overhead_s("block_sparse:static"), 45e-6)
+    assert prof.family_score_s("linear") == 0.0
 
 
 def test_profile_device_measures_and_caches(tmp_path):
