@@ -362,32 +362,53 @@ def measure_end_to_end(
 
 
 def _validate_and_tighten(sites, candidates, budget: Budget, plan: Plan, check, plan_kwargs) -> tuple[Plan, list[str]]:
-    """Check the plan end to end on held-out calls; drop the worst sites to exact until it holds."""
+    """Check the plan end to end on held-out calls; tighten and re-solve until it holds.
+
+    Planned on end-to-end errors, the summed one-site errors fell short of the real deviation
+    (sites interact, and held-out text is not calibration text), so the bound on that sum is
+    lowered by the shortfall and the plan re-solved: the plan stays the fastest the tighter
+    bound allows, instead of losing a whole site. Planned on site errors, the site with the
+    largest error is set to exact instead. A plan that never holds ends exact everywhere.
+    """
     from attnopt.cost_model.planning import make_plan
 
     pins: dict[str, str] = {}
+    kwargs = dict(plan_kwargs)
     steps: list[str] = []
-    tol = budget.tolerance
-    for _ in range(len(sites) + 1):
+    tol, metric = budget.tolerance, budget.metric
+    front = plan.pareto  # re-solves below skip the front; it does not depend on the bound or pins
+    for _ in range(len(sites) + 4):
         err = check(plan)
         plan.totals["validated_error"] = err
         if err <= tol:
-            steps.append(f"validated: end-to-end {budget.metric} {err:.3g} <= {tol:g} on {check.calls} held-out call(s)")
+            steps.append(f"validated: end-to-end {metric} {err:.3g} <= {tol:g} on {check.calls} held-out call(s)")
             break
         varied = [e for e in plan.entries if e.family != "exact"]
         if not varied:
             break
-        worst = max(varied, key=lambda e: e.error if e.end_to_end is None else e.end_to_end)
-        pins[worst.site] = "exact"
-        alone = "site error" if worst.end_to_end is None else f"{budget.metric} alone"
-        steps.append(
-            f"end-to-end {budget.metric} {err:.3g} > {tol:g}: site {worst.site} ({worst.family}, {alone} "
-            f"{worst.error if worst.end_to_end is None else worst.end_to_end:.3g}) set to exact, re-solved"
-        )
+        summed = plan.totals.get("error", 0.0)
+        if kwargs.get("end_to_end") and summed > 0:
+            kwargs["max_total_error"] = min(tol * summed / err, 0.9 * summed)
+            steps.append(
+                f"end-to-end {metric} {err:.3g} > {tol:g} where the one-site errors summed to {summed:.3g}: "
+                f"re-solved with their sum bounded by {kwargs['max_total_error']:.3g}"
+            )
+        else:
+            worst = max(varied, key=lambda e: e.error if e.end_to_end is None else e.end_to_end)
+            pins[worst.site] = "exact"
+            alone = "site error" if worst.end_to_end is None else f"{metric} alone"
+            steps.append(
+                f"end-to-end {metric} {err:.3g} > {tol:g}: site {worst.site} ({worst.family}, {alone} "
+                f"{worst.error if worst.end_to_end is None else worst.end_to_end:.3g}) set to exact, re-solved"
+            )
         log.info(steps[-1])
-        front = plan.pareto
-        plan = make_plan(sites, candidates, budget, pin=dict(pins), with_pareto=False, **plan_kwargs)
-        plan.pareto = front  # the front does not depend on pins; keep the one already computed
+        plan = make_plan(sites, candidates, budget, pin=dict(pins), with_pareto=False, **kwargs)
+        plan.pareto = front
+    else:
+        steps.append(f"no plan held end to end within {metric}<={tol:g}: exact everywhere")
+        plan = make_plan(sites, candidates, budget, pin={"*": "exact"}, with_pareto=False, **kwargs)
+        plan.pareto = front
+        plan.totals["validated_error"] = 0.0
     return plan, steps
 
 

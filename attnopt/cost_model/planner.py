@@ -6,14 +6,17 @@ The planner sees candidates only through :class:`Option` records (seconds, error
 * every site takes exactly one option: ``sum_j x[s, j] = 1`` (exact is always an option);
 * an option whose per-site error exceeds the budget's tolerance is not offered, except exact;
 * (a) with a speed target: minimise ``sum error`` subject to ``other + sum seconds <= T``,
-  where ``T = (other + exact total) / speedup`` or the absolute latency;
+  where ``T = (other + exact total) / speedup`` or the absolute latency (and, given
+  ``max_total_error``, that sum within it);
 * (b) without one: minimise ``sum seconds`` (the per-site tolerance bounds the error), with
   an optional ``max_total_error`` bound on ``sum error``.
 
-The sum of per-site relative L2 errors is the error objective: a first-order proxy of the
-end-to-end deviation (layer errors add to first order through residual streams), which is why
-the whole plan is validated end to end afterwards. Ties are broken lexicographically (least
-error among the fastest, fastest among the least error) by a second solve. The problem is solved
+The error of an option is what the pipeline gives it: the model's own end-to-end error with
+only that option applied (``Candidate.end_to_end``, the default when calibration calls allow),
+or else the site's relative L2 error. Either way the sum is a first-order proxy of the whole
+plan's deviation (one-site deviations add to first order through residual streams), which is
+why the assembled plan is validated end to end afterwards. Ties are broken lexicographically
+(least error among the fastest, fastest among the least error) by a second solve. The problem is solved
 exactly by ``scipy.optimize.milp`` (HiGHS) with a zero MIP gap and presolve off; HiGHS honours
 the latency bound to about 1e-6 relative, so a plan may miss a speed target by that much.
 """

@@ -289,3 +289,62 @@ def test_variants_fall_back_to_exact_below_their_payoff_length():
         long = torch.randn(1, 2, 96, 16)
         ops.op_for("block_sparse")(long, long, long, None, [], 0.25, True, config)
         assert calls == [96]
+
+
+def _two_speed_candidates(sites, end_to_end):
+    """Per site a gentle (70% of the scores) and an aggressive (20%) variant with set end-to-end errors."""
+    cands = {}
+    for s in sites:
+        cands[s.name] = [
+            Candidate(
+                site=s.name, family="quantized", config=ExactConfig(), cost=dense_cost(s, density=d),
+                error=0.05, end_to_end=None if end_to_end is None else e,
+            )  # fmt: skip
+            for d, e in ((0.7, 0.002), (0.2, 0.004))
+        ]
+    return cands
+
+
+def test_a_failed_check_lowers_the_bound_on_summed_end_to_end_errors():
+    """Sites interact: the check sees twice the summed one-site errors. The bound on the sum is
+    lowered by that shortfall and the plan re-solved, keeping variants at every site it can,
+    instead of setting whole sites to exact."""
+    from attnopt.pipeline import _validate_and_tighten
+
+    sites = _sites(4, heads=32, seq=8192, head_dim=128)
+    cands = _two_speed_candidates(sites, end_to_end=True)
+    budget = Budget(speedup=4.0, max_error=0.015)
+    kwargs = dict(profile=SEED_PROFILES["h100"], end_to_end=True)
+    plan = make_plan(sites, cands, budget, **kwargs)
+    assert not plan.feasible and plan.totals["error"] == pytest.approx(0.014)  # 3 aggressive + 1 gentle
+
+    def check(p):
+        return 2 * p.totals["error"]
+
+    check.calls = 1
+    got, steps = _validate_and_tighten(sites, cands, budget, plan, check, kwargs)
+    assert steps[0].endswith("re-solved with their sum bounded by 0.0075") and steps[-1].startswith("validated")
+    assert got.totals["error"] <= 0.0075 + 1e-12 and got.totals["validated_error"] <= 0.015
+    # the fastest plan within the lowered bound, not the initial plan minus its worst site
+    best = make_plan(sites, cands, budget, max_total_error=0.0075, **kwargs)
+    assert got.totals["speedup"] == pytest.approx(best.totals["speedup"])
+    assert sum(e.family != "exact" for e in got.entries) >= 2
+
+
+def test_a_failed_check_sets_the_worst_site_to_exact_when_planned_on_site_errors():
+    from attnopt.pipeline import _validate_and_tighten
+
+    sites = _sites(4, heads=32, seq=8192, head_dim=128)
+    cands = _two_speed_candidates(sites, end_to_end=None)
+    budget = Budget(speedup=2.0, max_error=0.015)
+    kwargs = dict(profile=SEED_PROFILES["h100"], site_error_cap=0.1)
+    plan = make_plan(sites, cands, budget, **kwargs)
+    assert any(e.family != "exact" for e in plan.entries)
+
+    def check(p):  # every variant costs 0.01 end to end: at most one may stay
+        return 0.01 * sum(e.family != "exact" for e in p.entries)
+
+    check.calls = 1
+    got, steps = _validate_and_tighten(sites, cands, budget, plan, check, kwargs)
+    assert all("set to exact, re-solved" in s for s in steps[:-1]) and steps[-1].startswith("validated")
+    assert sum(e.family != "exact" for e in got.entries) == 1
