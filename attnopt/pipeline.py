@@ -308,7 +308,9 @@ def exact_plan(sites: list[AttentionSite], budget: Budget, timings: dict[str, fl
 #: stream), so a plan with larger site errors is taken when the end-to-end check on held-out calls
 #: passes. On codelm at N=2048, "2x": cap 0.15 reached 1.64x; widening to 0.6 found a plan measured
 #: at 2.12x, +1.39% bits/byte, with head pruning on layer 0, whose site error is large and end-to-end
-#: cost small (benchmarks/results/planning-run-2240.md).
+#: cost small (results of commit c7d8473, before plans were chosen on end-to-end errors). Now the
+#: widest cap bounds which candidates get an end-to-end measurement, and widening is the fallback
+#: when none could be measured.
 WIDER_SITE_ERROR_CAPS = (0.3, 0.6)
 
 
