@@ -105,13 +105,12 @@ class overrides:  # noqa: N801 - used as a context manager, like torch.no_grad
 
 
 def _head_pruned_emulation(call: AttentionCall) -> torch.Tensor:
-    """Exact attention with the pruned heads' outputs zeroed: what the model computes once the
-    q/k/v/o projections are sliced (the o-projection never sees those heads)."""
-    out = exact_attention(call)
-    keep = call.params[0].to(out.device).long()
-    mask = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
-    mask[keep] = 1
-    return out * mask[None, :, None, None]
+    """Exact attention with the pruned heads' outputs set to their fill (or zero): what the model
+    computes once the q/k/v/o projections are sliced and the fill folded into the o-bias."""
+    from attnopt.replacements.head_pruned import pruned_output
+
+    fill = call.params[1] if len(call.params) > 1 else None
+    return pruned_output(exact_attention(call), call.params[0], fill)
 
 
 def set_observer(observer: Callable[[str, AttentionCall], None] | None) -> Callable | None:
@@ -199,11 +198,25 @@ def _resolve_mask(
     return attn_mask, is_causal, window
 
 
+def _allows_every_key(mask: torch.Tensor) -> bool:
+    """Whether a boolean or additive mask masks nothing (one pass over the mask, no copy)."""
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
 def exact_attention(call: AttentionCall) -> torch.Tensor:
-    """The fastest dense path: ``F.scaled_dot_product_attention`` with attnopt's conventions."""
+    """The fastest dense path: ``F.scaled_dot_product_attention`` with attnopt's conventions.
+
+    On a CPU, a mask that masks nothing is dropped before SDPA. Hugging Face encoders pass one
+    (built from ``attention_mask``) even for unpadded batches, and SDPA's CPU kernel reads it for
+    every block: at batch 2, 12 heads, N=256, head dim 32 it makes the call 35% slower (2.90 ms
+    against 2.14 ms on the 2-core CI CPU). The check is one pass over the mask. It runs on CPUs
+    only, where reading the answer back costs no stream sync.
+    """
     q, k, v = call.q, call.k, call.v
     q_len, kv_len = q.shape[-2], k.shape[-2]
     mask = call.attn_mask
+    if mask is not None and q.device.type == "cpu" and _allows_every_key(mask):
+        mask = None
     is_causal = False
     structural = None
     if call.window:

@@ -4,8 +4,12 @@ Unlike the other families this one is a weight rewrite, not a new operator: the 
 rows of the q/k/v projections and columns of the output projection are removed, so the
 projections shrink with the attention (a real FLOP and parameter cut, not a mask), and the site
 then runs the ``exact`` operator with fewer heads. Its exact semantics, written by
-:meth:`HeadPrunedFamily.reference`, is exact attention whose pruned heads output zero — which is
-what the model computes once the output projection no longer reads those heads.
+:meth:`HeadPrunedFamily.reference`, is exact attention whose pruned heads output a constant: their
+mean output on the calibration data (``fill="mean"``, what candidates use), or zero (``"zero"``,
+plans written before fills existed). The model computes exactly that once the output projection
+no longer reads those heads and its bias holds ``W_o[:, pruned] @ mean``. A constant is what a
+pruned head is best replaced by in the least-squares sense; on MiniLM, zeroing its four least
+needed heads costs 0.015 of embedding cosine and their means 0.005.
 
 Importance comes from one of two measures:
 
@@ -41,9 +45,11 @@ __all__ = [
     "apply_head_pruning",
     "head_importance_from_gradients",
     "head_importance_from_stats",
+    "head_mean_outputs",
     "kept_groups",
     "projection_weight",
     "prune_heads",
+    "pruned_output",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,12 +66,15 @@ class HeadPrunedConfig(FamilyConfig):
         keep: kept query-head indices, ascending (original numbering).
         kv_keep: kept key/value-head indices, ascending.
         importance: the measure that ranked the heads (``"gradient"`` or ``"output_norm"``).
+        fill: what the pruned heads output: ``"mean"``, their calibration mean (the candidate's
+            second tensor, ``(num_heads, head_dim_v)``), or ``"zero"``.
     """
 
     family: ClassVar[str] = "head_pruned"
     keep: tuple[int, ...] = ()
     kv_keep: tuple[int, ...] = ()
     importance: str = "output_norm"
+    fill: str = "zero"
 
 
 def head_importance_from_gradients(
@@ -156,14 +165,30 @@ def head_importance_from_stats(site: Any, stats: Any, o_weight: torch.Tensor | N
     Returns:
         ``(num_heads,)`` float32; zeros when ``stats`` holds no samples.
     """
-    heads, dv, n_rep = site.num_heads, site.head_dim_v, max(site.gqa_groups, 1)
+    heads, dv = site.num_heads, site.head_dim_v
     if o_weight is not None and o_weight.shape[-1] != heads * dv:
         raise ValueError(
             f"Expected an output-projection weight of shape (hidden, {heads * dv}) for site {site.name}, "
             f"but got {tuple(o_weight.shape)}. Pass nn.Linear.weight (Conv1D weights transposed)."
         )
+    return _head_output_stats(site, stats, o_weight)[0]
+
+
+def head_mean_outputs(site: Any, stats: Any) -> torch.Tensor:
+    """Each head's mean exact-attention output over calibration tokens, ``(num_heads, head_dim_v)``.
+
+    What a pruned head is replaced by (``fill="mean"``); zeros when ``stats`` holds no samples.
+    """
+    return _head_output_stats(site, stats, None)[1]
+
+
+def _head_output_stats(site: Any, stats: Any, o_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-head importance as in :func:`head_importance_from_stats`, per-head mean output)."""
+    heads, dv, n_rep = site.num_heads, site.head_dim_v, max(site.gqa_groups, 1)
     w = None if o_weight is None else o_weight.detach().float().cpu()
     scores = torch.zeros(heads)
+    sums = torch.zeros(heads, dv, dtype=torch.float64)
+    tokens = 0
     count = 0
     for q, k, v, mask in stats.samples():
         for h in range(heads):
@@ -179,12 +204,15 @@ def head_importance_from_stats(site: Any, stats: Any, o_weight: torch.Tensor | N
                 scale=stats.scale,
                 causal=stats.causal,
                 window=stats.window,
-            )[0, 0]
+            )
+            sums[h] += out.double().sum(dim=(0, 1, 2)).cpu()
+            out = out[0, 0]
             if w is not None:
                 out = out @ w[:, h * dv : (h + 1) * dv].T
             scores[h] += out.norm(dim=-1).mean()
+        tokens += q.shape[0] * q.shape[2]
         count += 1
-    return scores / max(count, 1)
+    return scores / max(count, 1), (sums / max(tokens, 1)).float()
 
 
 # --- weight surgery -----------------------------------------------------------------------
@@ -196,6 +224,17 @@ _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
 _GROUP_ATTRS = ("num_key_value_groups", "num_kv_groups", "n_rep")
 _WIDTH_ATTRS = ("all_head_size", "split_size", "inner_dim")
+
+
+def pruned_output(exact: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """``exact`` ``(B, H, N, Dv)`` with every head outside ``keep`` set to its ``fill`` row
+    (``(H, Dv)``; None: zero): what the model computes once those heads are pruned."""
+    alive = torch.zeros(exact.shape[1], dtype=torch.bool, device=exact.device)
+    alive[keep.to(exact.device).long()] = True
+    out = exact * alive.view(1, -1, 1, 1).to(exact.dtype)
+    if fill is not None:
+        out = out + (fill.to(device=exact.device, dtype=exact.dtype) * (~alive)[:, None])[None, :, None, :]
+    return out
 
 
 def kept_groups(site: Any, keep_q_heads: Iterable[int]) -> tuple[tuple[int, ...], int]:
@@ -229,7 +268,9 @@ def projection_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if _is_conv1d(module) else module.weight
 
 
-def prune_heads(model: nn.Module, site: Any, keep_q_heads: Iterable[int]) -> None:
+def prune_heads(
+    model: nn.Module, site: Any, keep_q_heads: Iterable[int], fill: torch.Tensor | None = None
+) -> None:
     """Cut every query head not in ``keep_q_heads`` out of the site's projection weights.
 
     Slices the q/k/v projections' output rows (or a packed ``qkv`` projection laid out
@@ -238,7 +279,9 @@ def prune_heads(model: nn.Module, site: Any, keep_q_heads: Iterable[int]) -> Non
     ``all_head_size``, ... — only those that exist and still hold the old value). GQA: the kv
     heads with no kept query head are removed too; every kept group must keep the same number of
     query heads. Afterwards the model computes what it computed with those heads' slices of the
-    output-projection input set to zero. ``site`` still describes the model before pruning.
+    output-projection input set to zero, or, given ``fill`` (``(num_heads, head_dim_v)``), set to
+    their rows of it: ``W_o[:, pruned] @ fill[pruned]`` is added to the output projection's bias
+    (created if it has none). ``site`` still describes the model before pruning.
 
     Raises:
         ValueError: the site shows no projections, the kept set is invalid, or a projection's
@@ -267,6 +310,8 @@ def prune_heads(model: nn.Module, site: Any, keep_q_heads: Iterable[int]) -> Non
     for module, _, expected in out_cuts:
         _check_width(site, module, expected, "out")
     _check_width(site, o_proj, hq * dv, "in")
+    if fill is not None:
+        _fold_fill_into_bias(site, o_proj, keep, fill)
     for module, idx, _ in out_cuts:
         _slice_features(module, idx, "out")
     _slice_features(o_proj, _head_slices(keep, dv), "in")
@@ -279,6 +324,26 @@ def prune_heads(model: nn.Module, site: Any, keep_q_heads: Iterable[int]) -> Non
             current = getattr(owner, name, None)
             if isinstance(current, int) and not isinstance(current, bool) and current == old:
                 setattr(owner, name, value)
+
+
+def _fold_fill_into_bias(site: Any, o_proj: nn.Module, keep: list[int], fill: torch.Tensor) -> None:
+    """Add what the pruned heads' constant outputs contribute through ``o_proj`` to its bias."""
+    heads, dv = site.num_heads, site.head_dim_v
+    if tuple(fill.shape) != (heads, dv):
+        raise ValueError(
+            f"Expected a fill of shape ({heads}, {dv}) for site {site.name}, but got {tuple(fill.shape)}. "
+            "Pass one row per query head."
+        )
+    pruned = [h for h in range(heads) if h not in set(keep)]
+    weight = projection_weight(o_proj).detach()  # (out, heads * dv)
+    cols = _head_slices(pruned, dv).to(weight.device)
+    rows = fill[pruned].reshape(-1).to(device=weight.device, dtype=torch.float32)
+    shift = (weight.index_select(1, cols).float() @ rows).to(weight.dtype)
+    bias = getattr(o_proj, "bias", None)
+    if bias is None:
+        o_proj.bias = nn.Parameter(shift.clone(), requires_grad=weight.requires_grad)
+    else:
+        o_proj.bias = nn.Parameter(bias.detach() + shift, requires_grad=bias.requires_grad)
 
 
 def apply_head_pruning(model: nn.Module, site: Any, entry: Any) -> None:
@@ -298,7 +363,8 @@ def apply_head_pruning(model: nn.Module, site: Any, entry: Any) -> None:
         if _features(o_proj, "in") == len(config.keep) * site.head_dim_v:
             log.debug("head_pruned: site %s is already pruned to %d heads", site.name, len(config.keep))
             return
-    prune_heads(model, site, config.keep)
+    fill = entry.params[1] if config.fill == "mean" and len(entry.params) > 1 else None
+    prune_heads(model, site, config.keep, fill)
 
 
 def _missing_projections(site: Any) -> str | None:
@@ -394,12 +460,13 @@ class HeadPrunedFamily(Family):
         if reason:
             log.debug("head_pruned: no candidates: %s", reason)
             return []
+        if not stats.q:
+            log.debug("head_pruned: site %s has no calibration samples to rank heads or fill them", site.name)
+            return []
         scores, method = self._importance.get(site.name, (None, "output_norm"))
+        from_stats, means = _head_output_stats(site, stats, None)
         if scores is None:
-            if not stats.q:
-                log.debug("head_pruned: site %s has no calibration samples to rank heads", site.name)
-                return []
-            scores = head_importance_from_stats(site, stats)
+            scores = from_stats
         if scores.numel() != site.num_heads:
             raise ValueError(
                 f"Expected {site.num_heads} importance scores for site {site.name}, but got {scores.numel()}. "
@@ -408,26 +475,27 @@ class HeadPrunedFamily(Family):
         out = []
         for keep in _keep_sets(scores, site):
             kv_keep, _ = kept_groups(site, keep)
-            config = HeadPrunedConfig(keep=keep, kv_keep=kv_keep, importance=method)
+            config = HeadPrunedConfig(keep=keep, kv_keep=kv_keep, importance=method, fill="mean")
             note = (
                 f"keeps {len(keep)}/{site.num_heads} heads ({len(kv_keep)}/{site.num_kv_heads} kv); "
-                f"q/k/v/o projections shrink to {len(keep) / site.num_heads:.0%}"
+                f"q/k/v/o projections shrink to {len(keep) / site.num_heads:.0%}; pruned heads output "
+                "their calibration mean"
             )
-            params = [torch.tensor(keep, dtype=torch.int64)]
+            fill = means.clone()
+            fill[list(keep)] = 0.0
+            params = [torch.tensor(keep, dtype=torch.int64), fill]
             out.append(Candidate(site.name, self.name, config, params, self.cost(site, config), notes=note))
         return out
 
     def reference(self, q, k, v, candidate, *, scale, causal, attn_mask=None, window=None):  # noqa: ANN001
-        """Exact attention with the pruned heads' outputs set to zero."""
+        """Exact attention with the pruned heads' outputs replaced by their fill."""
         out = attention_reference(q, k, v, attn_mask, scale=scale, causal=causal, window=window)
         return self.from_exact(candidate, out)
 
     def from_exact(self, candidate: Candidate, exact: torch.Tensor) -> torch.Tensor:
-        """``exact`` ``(B, H, N, Dv)`` with the pruned heads' outputs set to zero."""
+        """``exact`` ``(B, H, N, Dv)`` with the pruned heads' outputs replaced by their fill."""
         keep = candidate.params[0] if candidate.params else torch.tensor(candidate.config.keep)
-        alive = torch.zeros(exact.shape[1], dtype=torch.bool, device=exact.device)
-        alive[keep.to(exact.device)] = True
-        return exact * alive.view(1, -1, 1, 1).to(exact.dtype)
+        return pruned_output(exact, keep, candidate.params[1] if len(candidate.params) > 1 else None)
 
     def cost(self, site: Any, config: FamilyConfig) -> CostFormula:
         """Dense attention with ``H`` and ``Hkv`` scaled by the kept shares."""

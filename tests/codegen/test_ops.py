@@ -37,3 +37,29 @@ def test_exact_operator_is_bottom_right_causal_and_gqa(nq, nk):
     q, k, v = torch.randn(1, 6, nq, 16), torch.randn(1, 2, nk, 16), torch.randn(1, 2, nk, 16)
     out = op_for("exact")(q, k, v, None, [], 0.3, True, _config())
     torch.testing.assert_close(out, attention_reference(q, k, v, scale=0.3, causal=True))
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_operator_drops_a_mask_that_masks_nothing(monkeypatch, kind, causal):
+    """Hugging Face encoders pass an all-true mask for unpadded batches; SDPA must not read it.
+    A mask with one masked key is kept."""
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(2, 4, 12, 16) for _ in range(3))
+    allowed = torch.ones(2, 1, 12, 12, dtype=torch.bool)
+    padded = allowed.clone()
+    padded[1, :, :, -1] = False
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    for mask, dropped in ((allowed, True), (padded, False)):
+        given = mask if kind == "bool" else torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        out = op_for("exact")(q, k, v, given, [], 0.25, causal, _config())
+        torch.testing.assert_close(out, attention_reference(q, k, v, mask, scale=0.25, causal=causal))
+        assert (seen[-1] is None) == dropped  # causal and dropped: SDPA's own is_causal, no mask

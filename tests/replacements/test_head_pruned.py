@@ -17,6 +17,7 @@ from attnopt.replacements.head_pruned import (
     apply_head_pruning,
     head_importance_from_gradients,
     head_importance_from_stats,
+    head_mean_outputs,
     kept_groups,
     projection_weight,
     prune_heads,
@@ -74,14 +75,18 @@ def _bert():
     return model, _site(f"{p}.self", 6, 6, 8, proj, causal=False)
 
 
-def _zeroed_heads_output(model, site, keep, run):
-    """The exact semantics of pruning: the model with pruned heads' o-projection inputs zeroed."""
+def _zeroed_heads_output(model, site, keep, run, fill=None):
+    """The exact semantics of pruning: the model with pruned heads' o-projection inputs zeroed,
+    or set to their ``fill`` rows."""
     alive = torch.zeros(site.num_heads, dtype=torch.bool)
     alive[list(keep)] = True
 
     def hook(module, args):
         x = args[0].unflatten(-1, (site.num_heads, site.head_dim_v))
-        return ((x * alive.view(-1, 1).to(x.dtype)).flatten(-2),)
+        x = x * alive.view(-1, 1).to(x.dtype)
+        if fill is not None:
+            x = x + fill * (~alive).view(-1, 1).to(x.dtype)
+        return (x.flatten(-2),)
 
     handle = model.get_submodule(site.projections["o"]).register_forward_pre_hook(hook)
     try:
@@ -162,6 +167,42 @@ def test_prune_gpt2_packed_qkv_conv1d():
     with torch.no_grad():
         got = run(model)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_kind", ["llama", "bert", "gpt2"])
+def test_prune_with_a_fill_folds_it_into_the_output_bias(model_kind):
+    """Pruned heads that output a constant row: the o-projection's bias absorbs it (created where
+    the projection has none, as in Llama), so the pruned model matches the filled one."""
+    if model_kind == "llama":
+        model, site = _llama()
+        ids = torch.randint(0, 97, (2, 11))
+        run = lambda m: m(ids).logits  # noqa: E731
+        keep = (0, 2, 3, 5, 6, 7)
+    elif model_kind == "bert":
+        model, site = _bert()
+        ids = torch.randint(0, 50, (2, 9))
+        run = lambda m: m(ids).last_hidden_state  # noqa: E731
+        keep = (0, 3, 4)
+    else:
+        cfg = GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=50, n_positions=32, attn_implementation="eager")
+        cfg.bos_token_id = cfg.eos_token_id = 0
+        model = GPT2LMHeadModel(cfg).eval()
+        p = "transformer.h.0.attn"
+        site = _site(p, 4, 4, 8, {"qkv": f"{p}.c_attn", "o": f"{p}.c_proj"})
+        ids = torch.randint(0, 50, (1, 10))
+        run = lambda m: m(ids).logits  # noqa: E731
+        keep = (1, 2)
+    torch.manual_seed(1)
+    fill = torch.randn(site.num_heads, site.head_dim_v)
+    expected = _zeroed_heads_output(model, site, keep, run, fill)
+    zeroed = _zeroed_heads_output(model, site, keep, run)
+    prune_heads(model, site, keep, fill)
+    with torch.no_grad():
+        got = run(model)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - zeroed).abs().max() > 1e-3  # the fill reached the output
+    with pytest.raises(ValueError, match="fill of shape"):
+        prune_heads(*_llama(), (0, 1, 2, 3), torch.zeros(3, 8))
 
 
 def test_apply_head_pruning_from_plan_entry_is_idempotent():
@@ -280,7 +321,11 @@ def test_candidates_gqa_and_reference():
         alive = torch.zeros(8, dtype=torch.bool)
         alive[list(cand.config.keep)] = True
         torch.testing.assert_close(out[:, alive], full[:, alive])
-        assert bool((out[:, ~alive] == 0).all())
+        # pruned heads output their calibration mean, a constant row per head
+        assert cand.config.fill == "mean" and tuple(cand.params[1].shape) == (8, 8)
+        torch.testing.assert_close(out[:, ~alive], cand.params[1][~alive][None, :, None, :].expand_as(out[:, ~alive]))
+        torch.testing.assert_close(cand.params[1][~alive], head_mean_outputs(site, stats)[~alive])
+        assert bool((cand.params[1][alive] == 0).all())
 
 
 def test_candidates_mha_from_stats():

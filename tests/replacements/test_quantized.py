@@ -151,6 +151,9 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_cpu_kernel_matches_reference(cfg, case, monkeypatch):
     monkeypatch.setattr(cpu_quantized, "_TILE_ELEMENTS", 1 << 13)  # many query chunks
+    # fixed inputs per case: fp8 Q/K/V at head dim 16 and one query lands near the 0.1 bound below
+    # on some draws, so unseeded inputs made the test depend on the tests run before it
+    torch.manual_seed(KERNEL_CASES.index(case))
     b, hq, hkv, nq, nk, d, dv, causal, window, mask_kind = case
     q, k, v = qkv(b, hq, hkv, nq, nk, d, dv, k_offset=1.0)
     mask = None
