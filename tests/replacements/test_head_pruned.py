@@ -148,14 +148,19 @@ def test_prune_bert_with_padding_mask():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_prune_gpt2_packed_qkv_conv1d():
+def _gpt2():
+    """A one-layer GPT-2: packed q/k/v in one Conv1D, output projection a Conv1D too."""
     cfg = GPT2Config(
         n_embd=32, n_head=4, n_layer=1, vocab_size=50, n_positions=32, attn_implementation="eager"
     )
     cfg.bos_token_id = cfg.eos_token_id = 0
-    model = GPT2LMHeadModel(cfg).eval()
     p = "transformer.h.0.attn"
-    site = _site(p, 4, 4, 8, {"qkv": f"{p}.c_attn", "o": f"{p}.c_proj"})
+    return GPT2LMHeadModel(cfg).eval(), _site(p, 4, 4, 8, {"qkv": f"{p}.c_attn", "o": f"{p}.c_proj"})
+
+
+def test_prune_gpt2_packed_qkv_conv1d():
+    model, site = _gpt2()
+    p = site.module_path
     ids = torch.randint(0, 50, (1, 10))
     run = lambda m: m(ids).logits  # noqa: E731
     keep = (1, 2)
@@ -184,11 +189,7 @@ def test_prune_with_a_fill_folds_it_into_the_output_bias(model_kind):
         run = lambda m: m(ids).last_hidden_state  # noqa: E731
         keep = (0, 3, 4)
     else:
-        cfg = GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=50, n_positions=32, attn_implementation="eager")
-        cfg.bos_token_id = cfg.eos_token_id = 0
-        model = GPT2LMHeadModel(cfg).eval()
-        p = "transformer.h.0.attn"
-        site = _site(p, 4, 4, 8, {"qkv": f"{p}.c_attn", "o": f"{p}.c_proj"})
+        model, site = _gpt2()
         ids = torch.randint(0, 50, (1, 10))
         run = lambda m: m(ids).logits  # noqa: E731
         keep = (1, 2)
