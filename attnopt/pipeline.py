@@ -273,9 +273,6 @@ def run_plan(
                 f"planned on end-to-end errors of {measured} candidate(s), each alone on "
                 f"{min(len(train), END_TO_END_CALLS)} calibration call(s)"
             )
-        if measure:
-            plan, confirmed = _confirm_timings(sites, candidates, parsed, plan, stats, plan_kwargs, timings)
-            steps += confirmed
         check = _end_to_end_check(model, held, parsed)
         plan, tightened = _validate_and_tighten(sites, candidates, parsed, plan, check, plan_kwargs)
         steps += tightened
@@ -287,37 +284,6 @@ def run_plan(
     plan.parts = [p.path for p in parts]
     plan.steps = steps
     return PlanRun(plan, parts, sites, stats, steps)
-
-
-#: Rounds of re-timing the chosen variants and re-solving (see :func:`_confirm_timings`).
-CONFIRM_ROUNDS = 2
-
-
-def _confirm_timings(sites, candidates, budget: Budget, plan: Plan, stats, plan_kwargs, timings) -> tuple[Plan, list[str]]:
-    """Re-time the chosen variants in fresh pairs and re-solve while any ratio moved.
-
-    See :func:`~attnopt.cost_model.planning.confirm_latencies`: the solver favours candidates
-    whose first few pairs ran fast by chance; fresh timings of the chosen ones correct the plan
-    before it is validated.
-    """
-    from attnopt.cost_model.planning import CONFIRM_PAIRS, confirm_latencies, make_plan
-
-    steps: list[str] = []
-    for _ in range(CONFIRM_ROUNDS):
-        t = time.perf_counter()
-        moved = confirm_latencies(plan, sites, candidates, stats)
-        timings["confirm"] = timings.get("confirm", 0.0) + time.perf_counter() - t
-        if not moved:
-            break
-        before = plan.totals.get("speedup", 1.0)
-        plan = make_plan(sites, candidates, budget, **plan_kwargs)
-        plan.timings = dict(timings)
-        steps.append(
-            f"re-timed the chosen variants in {CONFIRM_PAIRS} fresh pairs: {moved} moved by more than 3%; "
-            f"re-solved, {before:.2f}x -> {plan.totals.get('speedup', 1.0):.2f}x predicted"
-        )
-        log.info(steps[-1])
-    return plan, steps
 
 
 def exact_plan(sites: list[AttentionSite], budget: Budget, timings: dict[str, float] | None = None) -> Plan:

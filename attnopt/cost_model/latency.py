@@ -243,7 +243,6 @@ def measure_relative(
     repeats: int = 5,
     give_up_above: float | None = 1.5,
     cache: bool = True,
-    refresh: bool = False,
 ) -> float:
     """Seconds of ``candidate`` relative to ``reference`` (usually exact) on the same tensors.
 
@@ -251,7 +250,7 @@ def measure_relative(
     :func:`~attnopt.cost_model._timing.paired_ratio`): ranking candidates of one site by this
     survives a shared machine's load changing during planning, which separate medians do not.
     A candidate more than ``give_up_above`` times slower than the reference after one pair is
-    not timed further. ``refresh=True`` times again and replaces the cached ratio.
+    not timed further.
 
     Raises:
         NotImplementedError: when either family has no kernel for the tensors' device.
@@ -259,7 +258,7 @@ def measure_relative(
     run, key = _runner(site, candidate, q, k, v, attn_mask)
     run_ref, ref_key = _runner(site, reference, q, k, v, attn_mask)
     key = ("relative", key, ref_key)
-    if cache and not refresh and key in _CACHE:
+    if cache and key in _CACHE:
         return _CACHE[key]
     ratio = paired_ratio(
         run, run_ref, device=q.device, warmup=warmup, repeats=repeats, give_up_above=give_up_above

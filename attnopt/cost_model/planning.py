@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from attnopt.calibration.stats import SiteStats
     from attnopt.patterns.site import AttentionSite
 
-__all__ = ["build_options", "confirm_latencies", "make_plan"]
+__all__ = ["build_options", "make_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -131,53 +131,6 @@ def build_options(
             )
         options[name] = site_opts
     return options
-
-
-#: Interleaved pairs each chosen variant is re-timed in by :func:`confirm_latencies`.
-CONFIRM_PAIRS = 7
-
-
-def confirm_latencies(
-    plan: Plan,
-    sites: Iterable[AttentionSite] | Mapping[str, AttentionSite],
-    candidates: Mapping[str, list[Candidate]],
-    stats: Mapping[str, SiteStats] | None,
-    *,
-    pairs: int = CONFIRM_PAIRS,
-    tolerance: float = 0.03,
-) -> int:
-    """Re-time the plan's chosen variants in fresh pairs; the cached ratios the solver reads are replaced.
-
-    A solver picking the fastest-looking candidates picks those whose few noisy pairs happened to
-    run fast, so a plan's measured speedup lands below its prediction (winner's curse: on
-    codelm "2x", plans predicted at 2.00-2.09x measured 1.93-2.18x). Timing the chosen ones again
-    in ``pairs`` fresh pairs removes that selection bias; the caller re-solves when any moved.
-    Returns how many chosen ratios moved by more than ``tolerance`` (relative).
-    """
-    site_map = dict(sites) if isinstance(sites, Mapping) else {s.name: s for s in sites}
-    moved = 0
-    for entry in plan.entries:
-        st = (stats or {}).get(entry.site)
-        site = site_map.get(entry.site)
-        if entry.family == "exact" or site is None or st is None or not st.q or entry.measured_s is None:
-            continue
-        cand = next(
-            (c for c in candidates.get(entry.site, []) if c.family == entry.family and c.config.to_json() == entry.config),
-            None,
-        )
-        if cand is None:
-            continue
-        inputs = _timing_inputs(site, st)
-        before = entry.measured_s / entry.exact_measured_s if entry.exact_measured_s else None
-        try:
-            after = measure_relative(
-                site, cand, _exact_candidate(site), *inputs, repeats=pairs, give_up_above=None, refresh=True
-            )
-        except NotImplementedError:
-            continue
-        if before is None or abs(after / before - 1.0) > tolerance:
-            moved += 1
-    return moved
 
 
 #: Context lengths tried for where a variant starts to pay off (see :func:`payoff_length`).
