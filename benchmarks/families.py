@@ -506,9 +506,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "`sites` counts the covered ones). Time: the timed site's `torch.ops.attnopt.<family>` vs "
         "`torch.ops.attnopt.exact` (SDPA) on that site's recorded q/k/v, median of paired runs; "
         "speedup = median of per-pair exact/variant ratios. head_pruned is timed as exact SDPA on the kept heads "
-        "(what the pruned model runs); its end-to-end metric sets the pruned heads' outputs to their calibration "
-        "means, which is what slicing the q/k/v/o projections and folding those means into the o-projection "
-        "bias computes. The density column is measured on the section's evaluation "
+        "(what the pruned model runs); its end-to-end metric zeroes the pruned heads' outputs, which is what "
+        "slicing the q/k/v/o projections computes. The density column is measured on the section's evaluation "
         "inputs (its N), the times at the timing shape; where the timed site has no candidate for a setting, "
         "another site's config of that setting is timed on the timed site's q/k/v. On a shared CPU the exact "
         "time of the same inputs drifts between rows: compare the paired speedups, not ms across rows.",

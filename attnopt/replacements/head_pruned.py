@@ -4,12 +4,11 @@ Unlike the other families this one is a weight rewrite, not a new operator: the 
 rows of the q/k/v projections and columns of the output projection are removed, so the
 projections shrink with the attention (a real FLOP and parameter cut, not a mask), and the site
 then runs the ``exact`` operator with fewer heads. Its exact semantics, written by
-:meth:`HeadPrunedFamily.reference`, is exact attention whose pruned heads output a constant: their
-mean output on the calibration data (``fill="mean"``, what candidates use), or zero (``"zero"``,
-plans written before fills existed). The model computes exactly that once the output projection
-no longer reads those heads and its bias holds ``W_o[:, pruned] @ mean``. A constant is what a
-pruned head is best replaced by in the least-squares sense; on MiniLM, zeroing its four least
-needed heads costs 0.015 of embedding cosine and their means 0.005.
+:meth:`HeadPrunedFamily.reference`, is exact attention whose pruned heads output a constant:
+zero (``fill="zero"``, the default), or their mean output on the calibration data (``"mean"``).
+The model computes exactly that once the output projection no longer reads those heads (and,
+for the mean, its bias holds ``W_o[:, pruned] @ mean``). The mean is the least-squares
+replacement for one head, but planning did better with zeros; see :attr:`HeadPrunedFamily.fill`.
 
 Importance comes from one of two measures:
 
@@ -435,8 +434,29 @@ class HeadPrunedFamily(Family):
     name = "head_pruned"
     config_type = HeadPrunedConfig
 
-    def __init__(self) -> None:
+    def __init__(self, fill: str = "zero") -> None:
         self._importance: dict[str, tuple[torch.Tensor, str]] = {}
+        self.fill = fill
+
+    @property
+    def fill(self) -> str:
+        """What the pruned heads of new candidates output: ``"zero"`` (default) or ``"mean"``.
+
+        Set it with ``get_family("head_pruned").fill = "mean"``. The mean is the better
+        replacement for one head: on MiniLM, mean-filled pruning of layer 0 holds embedding
+        cosine 0.997 where zeroing the same heads does not (1.05x attention at N=256/512).
+        But on codelm, planning "2x" with mean-filled candidates met the target in 7 of 12 cold
+        runs (1.87-2.18x). With zero-filled ones it met it in 7 of 7 (2.05-2.30x). The mean
+        made layer 0's pruning look cheaper on the calibration call than it proved on held-out
+        text, so plans failed the check and were tightened.
+        """
+        return self._fill
+
+    @fill.setter
+    def fill(self, value: str) -> None:
+        if value not in ("zero", "mean"):
+            raise ValueError(f"Expected fill 'zero' or 'mean' for head pruning, but got {value!r}.")
+        self._fill = value
 
     def set_importance(self, site_name: str, scores: torch.Tensor, method: str) -> None:
         """Record the importance of ``site_name``'s heads (higher = more important)."""
@@ -475,15 +495,17 @@ class HeadPrunedFamily(Family):
         out = []
         for keep in _keep_sets(scores, site):
             kv_keep, _ = kept_groups(site, keep)
-            config = HeadPrunedConfig(keep=keep, kv_keep=kv_keep, importance=method, fill="mean")
+            config = HeadPrunedConfig(keep=keep, kv_keep=kv_keep, importance=method, fill=self.fill)
             note = (
                 f"keeps {len(keep)}/{site.num_heads} heads ({len(kv_keep)}/{site.num_kv_heads} kv); "
                 f"q/k/v/o projections shrink to {len(keep) / site.num_heads:.0%}; pruned heads output "
                 "their calibration mean"
             )
-            fill = means.clone()
-            fill[list(keep)] = 0.0
-            params = [torch.tensor(keep, dtype=torch.int64), fill]
+            params = [torch.tensor(keep, dtype=torch.int64)]
+            if self.fill == "mean":
+                fill = means.clone()
+                fill[list(keep)] = 0.0
+                params.append(fill)
             out.append(Candidate(site.name, self.name, config, params, self.cost(site, config), notes=note))
         return out
 

@@ -295,15 +295,18 @@ def test_stats_importance_planted_heads():
     torch.testing.assert_close(scored[0], (first + second) / 2)
 
 
-def test_candidates_gqa_and_reference():
+@pytest.mark.parametrize("fill", ["zero", "mean"])
+def test_candidates_gqa_and_reference(fill):
     fam = get_family("head_pruned")
     site = _site("blk.attn", 8, 2, 8, {n: n for n in "qkvo"})
     stats = _stats(8, 2, 8, 16, causal=True)
     fam.set_importance(site.name, torch.arange(8.0), "gradient")
+    fam.fill = fill
     try:
         cands = fam.candidates(site, stats)
     finally:
         fam._importance.pop(site.name)
+        fam.fill = "zero"
     keeps = [c.config.keep for c in cands]
     assert (5, 6, 7) not in keeps and (1, 2, 3, 5, 6, 7) in keeps and (4, 5, 6, 7) in keeps
     assert len(set(keeps)) == len(keeps)
@@ -322,11 +325,17 @@ def test_candidates_gqa_and_reference():
         alive = torch.zeros(8, dtype=torch.bool)
         alive[list(cand.config.keep)] = True
         torch.testing.assert_close(out[:, alive], full[:, alive])
+        assert cand.config.fill == fill
+        if fill == "zero":
+            assert len(cand.params) == 1 and bool((out[:, ~alive] == 0).all())
+            continue
         # pruned heads output their calibration mean, a constant row per head
-        assert cand.config.fill == "mean" and tuple(cand.params[1].shape) == (8, 8)
+        assert tuple(cand.params[1].shape) == (8, 8)
         torch.testing.assert_close(out[:, ~alive], cand.params[1][~alive][None, :, None, :].expand_as(out[:, ~alive]))
         torch.testing.assert_close(cand.params[1][~alive], head_mean_outputs(site, stats)[~alive])
         assert bool((cand.params[1][alive] == 0).all())
+    with pytest.raises(ValueError, match="fill 'zero' or 'mean'"):
+        fam.fill = "noise"
 
 
 def test_candidates_mha_from_stats():
