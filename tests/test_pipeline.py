@@ -152,6 +152,8 @@ def test_plans_are_chosen_on_end_to_end_errors_not_site_errors():
     assert second.end_to_end is not None and second.end_to_end < second.error / 100
     assert run.plan.feasible and run.plan.totals["speedup"] >= 1.15
     assert any(s.startswith("planned on end-to-end errors of") for s in run.plan.steps)
+    summary = run.plan.summary()
+    assert f"| {second.end_to_end:.3g} |" in summary and "summed end-to-end error" in summary
 
 
 class _Out:

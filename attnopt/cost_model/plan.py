@@ -185,23 +185,31 @@ class Plan:
         )
 
     def summary(self) -> str:
-        """Markdown table: site, family, config, decode path, predicted and measured latency, error."""
+        """Markdown table: site, family, config, decode path, predicted and measured latency, errors.
+
+        ``rel error`` is the site output's relative error on calibration data; ``end-to-end`` the
+        model's error in the budget's metric with only that site changed, where it was measured
+        (then the plan's summed error is the sum of those).
+        """
         lines = [
-            "| site | family | config | decode | exact below | predicted ms | measured ms | exact ms | rel error |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| site | family | config | decode | exact below | predicted ms | measured ms | exact ms | rel error "
+            "| end-to-end |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in self.entries:
             exact = e.exact_measured_s if e.exact_measured_s is not None else e.exact_predicted_s
+            alone = "-" if e.end_to_end is None else f"{e.end_to_end:.3g}"
             lines.append(
                 f"| {e.site} | {e.family} | {e.describe()} | {e.decode} | {e.min_len or '-'} | {_ms(e.predicted_s)} | "
                 f"{_ms(e.measured_s)} | "
-                f"{_ms(exact)} | {e.error:.3g} |"
+                f"{_ms(exact)} | {e.error:.3g} | {alone} |"
             )
         t = self.totals
         if t:
+            kind = "end-to-end" if any(e.end_to_end is not None for e in self.entries) else "site"
             lines.append(
                 f"\nTotal: {_ms(t.get('planned_s'))} ms vs exact {_ms(t.get('exact_s'))} ms "
-                f"({t.get('speedup', 1.0):.2f}x), summed error {t.get('error', 0.0):.3g}; "
+                f"({t.get('speedup', 1.0):.2f}x), summed {kind} error {t.get('error', 0.0):.3g}; "
                 f"budget {self.budget.describe()}."
             )
         if self.explanation:
