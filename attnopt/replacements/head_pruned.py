@@ -334,6 +334,8 @@ def _fold_fill_into_bias(site: Any, o_proj: nn.Module, keep: list[int], fill: to
             "Pass one row per query head."
         )
     pruned = [h for h in range(heads) if h not in set(keep)]
+    if not pruned:
+        return
     weight = projection_weight(o_proj).detach()  # (out, heads * dv)
     cols = _head_slices(pruned, dv).to(weight.device)
     rows = fill[pruned].reshape(-1).to(device=weight.device, dtype=torch.float32)
