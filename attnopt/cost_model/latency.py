@@ -222,12 +222,17 @@ def measure_latency(
         NotImplementedError: when the family has no kernel for the tensors' device.
     """
     run, key = _runner(site, candidate, q, k, v, attn_mask)
+    return _cached(key, cache, lambda: median_time(run, device=q.device, warmup=warmup, repeats=repeats))
+
+
+def _cached(key: tuple[Any, ...], cache: bool, measure) -> float:
+    """``_CACHE[key]``, measured by ``measure()`` and stored on a miss (or every time without ``cache``)."""
     if cache and key in _CACHE:
         return _CACHE[key]
-    t = median_time(run, device=q.device, warmup=warmup, repeats=repeats)
+    value = measure()
     if cache:
-        _CACHE[key] = t
-    return t
+        _CACHE[key] = value
+    return value
 
 
 def measure_relative(
@@ -258,11 +263,10 @@ def measure_relative(
     run, key = _runner(site, candidate, q, k, v, attn_mask)
     run_ref, ref_key = _runner(site, reference, q, k, v, attn_mask)
     key = ("relative", key, ref_key)
-    if cache and key in _CACHE:
-        return _CACHE[key]
-    ratio = paired_ratio(
-        run, run_ref, device=q.device, warmup=warmup, repeats=repeats, give_up_above=give_up_above
+    return _cached(
+        key,
+        cache,
+        lambda: paired_ratio(
+            run, run_ref, device=q.device, warmup=warmup, repeats=repeats, give_up_above=give_up_above
+        ),
     )
-    if cache:
-        _CACHE[key] = ratio
-    return ratio

@@ -43,7 +43,6 @@ __all__ = [
     "Timing",
     "fit_family",
     "fit_latency_terms",
-    "fit_overhead_and_efficiency",
     "load_kernels",
     "measure_family",
     "profile_device",
@@ -98,32 +97,6 @@ def _memory_gbps(dev: torch.device) -> float:
     y = torch.empty_like(x)
     t = median_time(lambda: y.copy_(x), device=dev, warmup=1, repeats=5)
     return 2 * numel * 4 / t / 1e9
-
-
-def fit_overhead_and_efficiency(flops: list[float], seconds: list[float], rate: float) -> tuple[float, float]:
-    """Fit ``seconds = overhead + flops / (rate * eff)`` in relative least squares.
-
-    Returns ``(overhead_seconds >= 0, eff > 0)``. Relative (``1/t``-weighted) residuals because
-    the planner cares about ratios, and a 2 ms shape must not be drowned by a 200 ms one.
-    """
-    if len(flops) != len(seconds) or not flops:
-        raise ValueError(
-            f"Expected equal, non-empty lists, but got {len(flops)} flops and {len(seconds)} times."
-        )
-    x = torch.tensor(flops, dtype=torch.float64)
-    t = torch.tensor(seconds, dtype=torch.float64)
-    design = torch.stack([1.0 / t, x / t], dim=1)  # (a + b x) / t ≈ 1
-    a, b = torch.linalg.lstsq(design, torch.ones_like(t)[:, None]).solution.flatten().tolist()
-    if a < 0 or b <= 0 or len(flops) == 1:
-        a = 0.0
-        b = float((x / t).sum() / (x / t).pow(2).sum())
-    # A fit this far outside physics means the timings were disturbed (a loaded machine):
-    # fall back to the plain ratio fit rather than cache a profile that misleads every plan.
-    if a > 0.5 * float(t.min()):
-        a = 0.0
-        b = float((x / t).sum() / (x / t).pow(2).sum())
-    eff = min(max(1.0 / (b * rate), MIN_EFFICIENCY), MAX_EFFICIENCY)
-    return a, eff
 
 
 #: Bounds on a fitted efficiency (relative to the measured matmul rate): outside them a fit

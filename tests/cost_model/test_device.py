@@ -20,7 +20,6 @@ from attnopt.cost_model.profiling import (
     Timing,
     fit_family,
     fit_latency_terms,
-    fit_overhead_and_efficiency,
     profile_device,
 )
 
@@ -77,10 +76,11 @@ def test_fit_recovers_known_overhead_and_efficiency():
     rate = 1e11
     flops = [1e7, 4e7, 1.6e8, 6.4e8]
     seconds = [2e-4 + f / (rate * 0.4) for f in flops]
-    overhead, eff = fit_overhead_and_efficiency(flops, seconds, rate)
+    overhead, eff, score_s, _ = fit_latency_terms(flops, [0.0] * len(flops), seconds, rate)
     assert math.isclose(overhead, 2e-4, rel_tol=1e-6) and math.isclose(eff, 0.4, rel_tol=1e-6)
+    assert score_s == 0.0
     with pytest.raises(ValueError, match="non-empty"):
-        fit_overhead_and_efficiency([], [], rate)
+        fit_latency_terms([], [], [], rate)
 
 
 def test_fit_family_finds_the_causal_tile():
