@@ -300,7 +300,14 @@ def main() -> None:
     ap.add_argument("--minilm-budgets", default="1.3x,1.5x", help="comma-separated")
     ap.add_argument("--minilm-seq", default="256,512", help="comma-separated MiniLM lengths (512 is its maximum)")
     ap.add_argument("--name", default=None, help="results file stem (default planning / planning-quick)")
+    ap.add_argument(
+        "--head-pruning-fill", choices=("zero", "mean"), default="zero",
+        help="what pruned heads output in head-pruning candidates (HeadPrunedFamily.fill)",
+    )  # fmt: skip
     args = ap.parse_args()
+    from attnopt.replacements.base import get_family
+
+    get_family("head_pruned").fill = args.head_pruning_fill
     seq = 1024 if args.quick else 2048
     budgets = [b for b in args.codelm_budgets.split(",") if b]
     rows = bench_codelm(budgets, seq=seq, n_calib=4 if args.quick else 6, n_held=2) if budgets else []

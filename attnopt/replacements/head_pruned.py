@@ -446,11 +446,13 @@ class HeadPrunedFamily(Family):
 
         Set it with ``get_family("head_pruned").fill = "mean"``. The mean is the better
         replacement for one head: on MiniLM, mean-filled pruning of layer 0 holds embedding
-        cosine 0.997 where zeroing the same heads does not (1.05x attention at N=256/512).
-        But on codelm, planning "2x" with mean-filled candidates met the target in 7 of 12 cold
-        runs (1.87-2.18x). With zero-filled ones it met it in 7 of 7 (2.05-2.30x). The mean
-        made layer 0's pruning look cheaper on the calibration call than it proved on held-out
-        text, so plans failed the check and were tightened.
+        cosine 0.997 where zeroing heads does not (1.03-1.04x attention at N=256/512,
+        ``benchmarks/results/planning-mean-fill.md``). But on codelm, cold "2x" runs met the
+        target in 2 of 3 with mean-filled candidates (1.98-2.11x, same file) and in 4 of 4 with
+        zero-filled ones (2.00-2.28x, ``planning.md`` and ``planning-repeats-2x.md``); over all
+        runs made while choosing, 7 of 12 against 7 of 7. The mean made layer 0's pruning look
+        cheaper on the calibration call than it proved on held-out text, so plans failed the
+        check and were tightened.
         """
         return self._fill
 
