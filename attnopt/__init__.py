@@ -8,21 +8,29 @@
 """
 
 from attnopt import codegen as _codegen  # noqa: F401  (registers the attnopt::* operators)
-from attnopt.api import apply, backend, find_sites, load_plan, optimize, plan
+from attnopt.api import apply, backend, find_sites, installed_plan, load_plan, optimize, plan
 from attnopt.cost_model.budget import Budget, parse_budget
 from attnopt.patterns.site import AttentionSite
-from attnopt.rewriter.export import export, export_mlir
+from attnopt.rewriter.capture import CaptureError
+from attnopt.rewriter.export import ExportCheckError, export, export_mlir
+from attnopt.rewriter.rewrite import RewriteError
+from attnopt.rewriter.verify import PlanMismatchError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSite",
     "Budget",
+    "CaptureError",
+    "ExportCheckError",
+    "PlanMismatchError",
+    "RewriteError",
     "apply",
     "backend",
     "export",
     "export_mlir",
     "find_sites",
+    "installed_plan",
     "load_plan",
     "optimize",
     "parse_budget",

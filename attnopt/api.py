@@ -8,40 +8,33 @@ in that order; the work lives in the rooms named by DESIGN.md.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from attnopt.cost_model.budget import parse_budget
+from attnopt.patterns.canon import module_names_of
 from attnopt.patterns.context import GraphContext
 from attnopt.patterns.find import assign_names, find_sites_in_graph, prefix_sites
 from attnopt.patterns.site import AttentionSite
+from attnopt.rewriter.calls import as_call, fresh_args
 from attnopt.rewriter.capture import CAPTURE_METHODS, CapturedPart, CaptureError, capture, capture_parts
 
-__all__ = ["find_sites", "optimize", "plan", "apply", "load_plan", "backend", "as_call", "capture_sites"]
+__all__ = [
+    "find_sites",
+    "optimize",
+    "plan",
+    "apply",
+    "load_plan",
+    "backend",
+    "installed_plan",
+    "as_call",
+    "capture_sites",
+    "PLAN_OPTIONS",
+]
 
 log = logging.getLogger("attnopt")
-
-
-def as_call(example: Any) -> tuple[tuple, dict]:
-    """Normalise one example call to ``(args, kwargs)``.
-
-    Accepted: a tensor (one positional argument), a tuple or list of positional arguments, a
-    dict of keyword arguments, or an explicit ``(args_tuple, kwargs_dict)`` pair.
-    """
-    if isinstance(example, dict):
-        return (), dict(example)
-    if isinstance(example, torch.Tensor):
-        return (example,), {}
-    if isinstance(example, (tuple, list)):
-        if len(example) == 2 and isinstance(example[0], (tuple, list)) and isinstance(example[1], dict):
-            return tuple(example[0]), dict(example[1])
-        return tuple(example), {}
-    raise TypeError(
-        f"Expected an example call as a tensor, a tuple of positional args or a dict of keyword args, "
-        f"but got {type(example).__name__}."
-    )
 
 
 def capture_sites(
@@ -60,14 +53,14 @@ def capture_sites(
     parts: list[CapturedPart] = []
     if "export" in methods:
         try:
-            parts = capture_parts(model, args, kwargs, ("export",))
+            parts = capture_parts(model, fresh_args(args), kwargs, ("export",))
         except CaptureError as e:
             errors.append(str(e))
     sites = _find_in_parts(parts)
     rest = tuple(m for m in methods if m != "export")
     if not sites and rest:
         try:
-            parts = [CapturedPart("", model, capture(model, args, kwargs, rest))]
+            parts = [CapturedPart("", model, capture(model, fresh_args(args), kwargs, rest))]
             sites = _find_in_parts(parts)
         except CaptureError as e:
             if not parts:
@@ -79,7 +72,7 @@ def _find_in_parts(parts: list[CapturedPart]) -> list[AttentionSite]:
     sites: list[AttentionSite] = []
     for part in parts:
         for gm, flat in part.captured.graphs:
-            found = find_sites_in_graph(GraphContext(gm, flat))
+            found = find_sites_in_graph(GraphContext(gm, flat, module_names=module_names_of(part.module)))
             prefix_sites(found, part.path)
             sites.extend(found)
     assign_names(sites)
@@ -90,7 +83,7 @@ def _check_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Run the example once so a bad input fails with the model's own error plus our context."""
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            model(*fresh_args(args), **kwargs)
     except Exception as e:
         raise type(e)(
             f"{e}\n(attnopt: the example call does not run {type(model).__name__}; pass inputs the model accepts, "
@@ -121,13 +114,25 @@ def find_sites(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list[Attent
     return sites
 
 
+#: Keyword options of :func:`optimize` and :func:`plan` beyond budget, calib, families, exclude.
+PLAN_OPTIONS = {
+    "target": "a device profile name ('h100', 'a100') to plan for instead of this machine",
+    "measure": "True / 'auto' / False: time candidates here (default 'auto' for this machine)",
+    "validate": "bool: check the plan end to end on held-out calibration calls (default True)",
+    "calibration": "an attnopt.calibration.stats.CalibrationConfig",
+    "progress": "bool: show progress bars and what was chosen (default True)",
+}
+#: Options only :func:`optimize` takes.
+OPTIMIZE_OPTIONS = {**PLAN_OPTIONS, "calib_calls": "int: first calls to plan on when calib= is not given (default 4)"}
+
+
 def optimize(
     model: torch.nn.Module,
     budget: Any = "2x",
     calib: Iterable[Any] | None = None,
     *,
     families: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
+    exclude: Any = (),
     **options: Any,
 ) -> torch.nn.Module:
     """Rewrite ``model``'s attention within ``budget``; returns the same model object.
@@ -136,27 +141,48 @@ def optimize(
         model: any ``nn.Module`` (Hugging Face models included); modified in place.
         budget: ``"2x"``, ``"1.5x"``, ``"1x"`` (exact everywhere), ``"latency<=4ms"`` or an
             :class:`attnopt.Budget`.
-        calib: example calls of the model (tensors, tuples of positional args, dicts of
-            keyword args); the first one is used to capture the graph, all of them to calibrate.
+        calib: example calls of the model (tensors, tuples of positional args, mappings of
+            keyword args such as a tokenizer's output); the first one is used to capture the
+            graph, all of them to calibrate. Without it, the model's first ``calib_calls`` calls
+            (default 4) run unchanged and are recorded, the plan is made inside the last of them,
+            and later calls run it (see :mod:`attnopt.deferred`).
         families: restrict the variant families considered.
-        exclude: site-name wildcards that stay exact (e.g. ``["model.layers.0.*"]``).
+        exclude: sites that stay exact: a glob over site names (``"model.layers.0.*"``), a list
+            of globs, or a predicate ``(AttentionSite) -> bool``.
+        **options: see :data:`OPTIMIZE_OPTIONS` (``target``, ``measure``, ``validate``,
+            ``calibration``, ``progress``, ``calib_calls``).
 
     Returns:
         ``model`` itself, whose ``forward`` now runs the planned attention.
 
     Raises:
-        ValueError: a malformed budget, or no calibration example.
+        ValueError: a malformed budget.
+        TypeError: an unknown option, or an option of the wrong type.
+        attnopt.PlanMismatchError: the installed plan did not match the running model's sites.
+
+    Example::
+
+        >>> model = attnopt.optimize(model, "2x", calib=[{"input_ids": ids}])
+        >>> attnopt.installed_plan(model).headline()
+        '4 site(s): block_sparse x3, head_pruned x1; predicted 2.11x attention; perplexity ...'
     """
+    _validate_model(model)
+    _validate_options("optimize", options, OPTIMIZE_OPTIONS)
+    _validate_exclude(exclude)
+    parse_budget(budget)  # a malformed budget fails now, not at the first call
+    calls = options.pop("calib_calls", None)
+    if calib is None:
+        from attnopt.deferred import DEFAULT_CALLS, defer_optimize
+        from attnopt.rewriter.install import uninstall_all
+
+        uninstall_all(model)
+        return defer_optimize(
+            model, budget, calls=DEFAULT_CALLS if calls is None else calls, families=families, exclude=exclude,
+            **options,
+        )
     from attnopt.pipeline import run_optimize
 
     return run_optimize(model, budget, calib, families=families, exclude=exclude, **options)
-
-
-def _warn_no_sites(model: torch.nn.Module) -> None:
-    warnings.warn(
-        f"attnopt found 0 attention sites in {type(model).__name__}; the model is returned unchanged.",
-        stacklevel=3,
-    )
 
 
 def plan(
@@ -164,6 +190,9 @@ def plan(
     budget: Any = "2x",
     calib: Iterable[Any] | None = None,
     target: str | None = None,
+    *,
+    families: Sequence[str] | None = None,
+    exclude: Any = (),
     **options: Any,
 ):
     """Calibrate and plan ``model`` without changing what it computes; returns a :class:`Plan`.
@@ -171,6 +200,7 @@ def plan(
     ``target`` names a device profile (``"h100"``, ``"a100"``) so a plan for a GPU can be made
     on a machine without one: calibration runs where the model is, latency comes from the
     target's profile. Save it with ``plan.save(dir)``; apply it later with :func:`apply`.
+    ``families``, ``exclude`` and ``options`` are as for :func:`optimize` (``calib`` is required).
 
     Example::
 
@@ -181,7 +211,10 @@ def plan(
     from attnopt.pipeline import run_plan
     from attnopt.rewriter.install import uninstall_all
 
-    run = run_plan(model, budget, calib, target=target, **options)
+    _validate_model(model)
+    _validate_options("plan", options, PLAN_OPTIONS)
+    _validate_exclude(exclude)
+    run = run_plan(model, budget, calib, target=target, families=families, exclude=exclude, **options)
     uninstall_all(model)  # plan() leaves the model as it was
     run.plan._sites = run.sites
     run.plan._stats = run.stats
@@ -191,18 +224,64 @@ def plan(
 def apply(model: torch.nn.Module, plan: Any, example: Any = None) -> torch.nn.Module:
     """Apply a plan (from :func:`plan` or :func:`load_plan`) to ``model``; no calibration needed.
 
-    With ``example`` (one call, as in ``calib``), the model is captured first and the plan's
-    attention fingerprint is checked against it, so a plan made for another model fails with a
-    message naming the differences, before anything changes.
+    The model's modules are checked against the plan's record before anything changes (each
+    planned site's module, its class and its projections' shapes; a module of a planned class
+    the plan does not name), so a plan made for another model is refused without an example
+    call. The sites themselves are checked at the first call. With ``example`` (one call, as
+    in ``calib``), the model is also captured and its full attention fingerprint compared.
+
+    Raises:
+        attnopt.PlanMismatchError: the plan does not fit ``model``, naming the first differences.
     """
     from attnopt.pipeline import install_plan
+    from attnopt.rewriter.verify import check_modules
 
+    _validate_model(model)
+    check_modules(model, [e.site for e in plan.entries], plan.modules)
     sites = getattr(plan, "_sites", None)
     if example is not None:
-        args, kwargs = as_call(example)
+        args, kwargs = as_call(example, model)
         _, sites = capture_sites(model, args, kwargs)
         plan.check_fingerprint(sites)
     return install_plan(model, plan, sites)
+
+
+def installed_plan(model: torch.nn.Module):
+    """The :class:`Plan` installed on ``model`` by :func:`optimize` or :func:`apply`, or None.
+
+    None also while a deferred :func:`optimize` (no ``calib=``) is still recording first calls.
+    """
+    return model.__dict__.get("_attnopt_plan")
+
+
+def _validate_model(model: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Expected a torch.nn.Module, but got {type(model).__name__}.")
+
+
+def _validate_options(fn: str, options: dict[str, Any], accepted: dict[str, str]) -> None:
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        listed = "; ".join(f"{k}: {v}" for k, v in accepted.items())
+        raise TypeError(
+            f"attnopt.{fn}() got unknown option(s) {unknown}. Accepted: budget, calib, families, exclude; {listed}."
+        )
+    for key in ("validate", "progress"):
+        if key in options and not isinstance(options[key], bool):
+            raise TypeError(f"Expected {key}= to be a bool, but got {options[key]!r}.")
+    if "measure" in options and options["measure"] not in (True, False, "auto", None):
+        raise TypeError(f"Expected measure= to be True, False or 'auto', but got {options['measure']!r}.")
+
+
+def _validate_exclude(exclude: Any) -> None:
+    if exclude is None or isinstance(exclude, str) or callable(exclude):
+        return
+    if isinstance(exclude, Iterable) and all(isinstance(p, str) for p in exclude):
+        return
+    raise TypeError(
+        "Expected exclude= to be a glob over site names ('model.layers.0.*'), a list of globs, or a "
+        f"callable (site) -> bool, but got {exclude!r}."
+    )
 
 
 def load_plan(directory: Any):

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,28 +31,53 @@ from attnopt.cost_model.plan import Plan
 from attnopt.cost_model.planner import SITE_ERROR_CAP
 from attnopt.patterns.site import AttentionSite
 from attnopt.replacements.base import FAMILY_NAMES, Candidate, get_family
+from attnopt.rewriter.calls import fresh_args, normalise_calib
 from attnopt.rewriter.capture import CapturedPart
 from attnopt.rewriter.install import install, uninstall_all
 from attnopt.rewriter.rewrite import Choice
+from attnopt.rewriter.verify import check_modules, module_structure, site_module
 
-__all__ = ["run_optimize", "run_plan", "normalise_calib", "install_plan", "PlanRun", "output_error"]
+__all__ = [
+    "run_optimize",
+    "run_plan",
+    "install_plan",
+    "PlanRun",
+    "output_error",
+    "default_metric",
+    "resolve_exclude",
+]
 
 log = logging.getLogger("attnopt")
 
 
-def normalise_calib(calib: Iterable[Any] | None) -> list[tuple[tuple, dict]]:
-    """``calib`` as a list of ``(args, kwargs)`` calls; a single tensor/dict counts as one call."""
-    from attnopt.api import as_call
+#: What ``exclude=`` accepts: a glob over site names, several globs, or a predicate on the site.
+Exclude = str | Sequence[str] | Callable[[AttentionSite], bool]
 
-    if calib is None:
+
+def resolve_exclude(exclude: Exclude | None, sites: list[AttentionSite]) -> list[str]:
+    """The names of the sites ``exclude`` keeps exact; patterns that match no site are warned about.
+
+    A string is one glob (``"model.layers.0.*"``), never iterated character by character.
+    """
+    if exclude is None:
         return []
-    if isinstance(calib, (torch.Tensor, dict)):
-        calib = [calib]
-    return [as_call(c) for c in calib]
+    if callable(exclude):
+        return [s.name for s in sites if exclude(s)]
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    names = [s.name for s in sites]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            warnings.warn(
+                f"attnopt: exclude pattern {pat!r} matches no site; the sites are {names[:6]}"
+                + (" ..." if len(names) > 6 else "")
+                + ".",
+                stacklevel=4,
+            )
+    return [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
 
 
 def _excluded(name: str, exclude: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+    return name in exclude or any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
 
 
 @dataclass
@@ -64,6 +89,7 @@ class PlanRun:
     sites: list[AttentionSite]
     stats: dict[str, SiteStats] = field(default_factory=dict)
     steps: list[str] = field(default_factory=list)
+    first_call: tuple[tuple, dict] = ((), {})
 
 
 def _validate_families(families: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -77,25 +103,65 @@ def _validate_families(families: Sequence[str] | None) -> tuple[str, ...] | None
     return tuple(families)
 
 
-def _primary(out: Any) -> torch.Tensor:
-    """The tensor a model call is judged by: logits / last hidden state / the first output."""
+#: Output fields a model call is judged by, most telling first: a language model's logits, a
+#: sentence embedding (sentence-transformers), pooled and per-token hidden states.
+_PRIMARY_KEYS = ("logits", "sentence_embedding", "last_hidden_state", "token_embeddings", "pooler_output")
+
+
+def _field(out: Any, key: str) -> Any:
+    if isinstance(out, Mapping):
+        return out.get(key)
+    return getattr(out, key, None)
+
+
+def _primary_field(out: Any) -> tuple[str | None, torch.Tensor]:
+    """``(field name or None, tensor)``: what a model call is judged by.
+
+    A named field of :data:`_PRIMARY_KEYS` when the output has one, else its first floating
+    tensor (sentence-transformers' output dict also holds the integer ``input_ids``).
+    """
     if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        v = getattr(out, key, None)
+        return None, out
+    for key in _PRIMARY_KEYS:
+        v = _field(out, key)
         if isinstance(v, torch.Tensor):
-            return v
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        for x in out:
-            if isinstance(x, torch.Tensor):
-                return x
-            try:
-                return _primary(x)
-            except TypeError:
-                continue
+            return key, v
+    tensors = list(_tensors_in(out))
+    floating = [x for x in tensors if x.is_floating_point()]
+    if floating or tensors:
+        return None, (floating or tensors)[0]
     raise TypeError(f"Expected a model output containing a tensor, but got {type(out).__name__}.")
+
+
+def _tensors_in(out: Any):
+    """Every tensor of a (nested) output, in order: mappings (``ModelOutput``), lists, tuples."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, Mapping):
+        for v in out.values():
+            yield from _tensors_in(v)
+    elif isinstance(out, (list, tuple)):
+        for v in out:
+            yield from _tensors_in(v)
+
+
+def _primary(out: Any) -> torch.Tensor:
+    return _primary_field(out)[1]
+
+
+def default_metric(out: Any) -> str:
+    """The metric a model is judged by when the budget says ``metric="auto"``, from its output.
+
+    Logits over a vocabulary, one row per position (``(batch, length, vocab)``), are a language
+    model's: next-token divergence (``"perplexity"``), which needs no labels. Hidden states or
+    embeddings are an encoder's: ``"cosine"``. Anything else: ``"output_rel_error"``.
+    """
+    key, tensor = _primary_field(out)
+    if key == "logits" and tensor.dim() == 3:
+        return "perplexity"
+    if key in ("sentence_embedding", "last_hidden_state", "token_embeddings", "pooler_output"):
+        return "cosine"
+    return "output_rel_error"
 
 
 def output_error(planned: Any, exact: Any, metric: str) -> float:
@@ -191,7 +257,7 @@ def _override_table(plan: Plan) -> dict[str, tuple[str, dict, list[torch.Tensor]
 
 def _run_calls(model: torch.nn.Module, calls: list[tuple[tuple, dict]]) -> list[Any]:
     with torch.no_grad():
-        return [model(*a, **k) for a, k in calls]
+        return [model(*fresh_args(a), **k) for a, k in calls]
 
 
 def run_plan(
@@ -200,7 +266,7 @@ def run_plan(
     calib: Iterable[Any] | None,
     *,
     families: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
+    exclude: Exclude | None = (),
     target: str | None = None,
     measure: bool | str | None = None,
     validate: bool = True,
@@ -215,18 +281,16 @@ def run_plan(
         raise TypeError(f"Expected a torch.nn.Module, but got {type(model).__name__}.")
     parsed = parse_budget(budget)
     fams = _validate_families(families)
-    calls = normalise_calib(calib)
+    calls = normalise_calib(calib, model)
     if measure is None:
         # Planning for this machine: time the candidates the solver may pick (predictions
         # alone can be off for a kernel on a given CPU); for another target, predict.
         measure = "auto" if target is None else False
-    if calls and parsed.metric == "output_rel_error" and parsed.max_error is None and "labels" in calls[0][1]:
-        # A causal LM given labels is judged by its loss (perplexity increase), as documented.
-        parsed = dataclasses.replace(parsed, metric="perplexity")
     if not calls:
         raise ValueError(
             "Expected at least one calibration example in calib=, but got none. Pass calib=[example_call, ...] "
-            "(a tensor, a tuple of positional args or a dict of keyword args)."
+            "(a tensor, a tuple of positional args or a dict of keyword args), or call "
+            "attnopt.optimize(model, budget) without calib= to plan on the model's first calls."
         )
     cal_cfg = calibration or CalibrationConfig()
     timings: dict[str, float] = {}
@@ -235,28 +299,43 @@ def run_plan(
     timings["capture"] = time.perf_counter() - t
     log.info("find: %d site(s), %d rewritable", len(sites), sum(s.rewritable for s in sites))
     if not sites:
-        return PlanRun(Plan(entries=[], budget=parsed, timings=timings), parts, sites)
+        return PlanRun(Plan(entries=[], budget=parsed, timings=timings), parts, sites, first_call=calls[0])
     for s in sites:
         if not s.rewritable:
             log.info("kept exact: %s (%s)", s.name, s.reason)
+    excluded = resolve_exclude(exclude, sites)
+    modules = module_structure(model, sites)
+    with torch.no_grad():
+        first_out = model(*fresh_args(calls[0][0]), **calls[0][1])
+    parsed = _resolve_metric(parsed, first_out, calls)
     exact = {s.name: Choice("exact") for s in sites if s.rewritable}
-    install_choices(model, parts, exact)
+    install_choices(model, parts, exact, expected={s.name: s.structure() for s in sites})
     if parsed.speedup in (None, 1.0) and parsed.latency_ms is None:
         # "1x": no speedup asked, exact everywhere; nothing to calibrate or measure.
         plan = exact_plan(sites, parsed, timings)
-        plan.parts = [p.path for p in parts]
-        return PlanRun(plan, parts, sites)
+        plan.parts, plan.modules = [p.path for p in parts], modules
+        return PlanRun(plan, parts, sites, first_call=calls[0])
+    rewritable = [s.name for s in sites if s.rewritable]
+    if rewritable and set(rewritable) <= set(excluded):
+        warnings.warn(
+            f"attnopt: exclude={exclude!r} keeps every rewritable site exact ({len(rewritable)} site(s)); "
+            "the plan can make nothing faster.",
+            stacklevel=3,
+        )
 
     n_held = 0 if len(calls) < 2 or not validate else max(1, round(len(calls) * cal_cfg.heldout_fraction))
     train, held = calls[: len(calls) - n_held], calls[len(calls) - n_held :] or calls[:1]
     t = time.perf_counter()
-    stats = calibrate(model, train, cal_cfg, sites=[s.name for s in sites if s.rewritable], progress=progress)
+    stats = calibrate(model, train, cal_cfg, sites=rewritable, progress=progress)
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    candidates = build_candidates(sites, stats, fams, exclude, timings)
+    candidates = build_candidates(sites, stats, fams, excluded, timings)
     timings["candidates"] = time.perf_counter() - t
-    plan_kwargs = dict(stats=stats, profile=target, measure=measure, families=fams, exclude=list(exclude) or None)
+    plan_kwargs = dict(stats=stats, profile=target, measure=measure, families=fams, exclude=excluded or None)
+    if parsed.scope == "model":
+        plan_kwargs["model_seconds"] = _forward_seconds(model, calls[0])
+        timings["model forward"] = plan_kwargs["model_seconds"]
     plan = make_plan(sites, candidates, parsed, **plan_kwargs)
     timings.update(plan.timings)  # measurement and solve; re-solves below count as "validate"
     steps: list[str] = []
@@ -282,8 +361,37 @@ def run_plan(
         timings["validate"] = time.perf_counter() - t
     plan.timings = timings
     plan.parts = [p.path for p in parts]
+    plan.modules = modules
     plan.steps = steps
-    return PlanRun(plan, parts, sites, stats, steps)
+    return PlanRun(plan, parts, sites, stats, steps, first_call=calls[0])
+
+
+def _resolve_metric(budget: Budget, out: Any, calls: list[tuple[tuple, dict]]) -> Budget:
+    """``metric="auto"`` made concrete from the model's output (see :func:`default_metric`).
+
+    A call with ``labels`` keeps meaning perplexity, as documented before ``"auto"`` existed.
+    """
+    if budget.metric != "auto":
+        return budget
+    metric = default_metric(out)
+    if metric == "output_rel_error" and "labels" in calls[0][1]:
+        metric = "perplexity"
+    log.info("metric: %s (from %s's output), tolerance %g", metric, type(out).__name__,
+             dataclasses.replace(budget, metric=metric).tolerance)
+    return dataclasses.replace(budget, metric=metric)
+
+
+def _forward_seconds(model: torch.nn.Module, call: tuple[tuple, dict], repeats: int = 3) -> float:
+    """Median seconds of one whole forward of ``call`` (exact attention), for ``scope="model"``."""
+    args, kwargs = call
+    times = []
+    with torch.no_grad():
+        model(*args, **kwargs)  # warm-up (and any compile)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(*args, **kwargs)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def exact_plan(sites: list[AttentionSite], budget: Budget, timings: dict[str, float] | None = None) -> Plan:
@@ -496,13 +604,31 @@ def _chooser(choices: dict[str, Choice]):
     return choose
 
 
-def install_choices(model: torch.nn.Module, parts: list[CapturedPart] | list[str], choices: dict[str, Choice]) -> None:
-    """Install ``choices`` on every captured part of ``model`` (paths or parts)."""
+def install_choices(
+    model: torch.nn.Module,
+    parts: list[CapturedPart] | list[str],
+    choices: dict[str, Choice],
+    expected: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Install ``choices`` on every captured part of ``model`` (paths or parts).
+
+    ``expected`` (site name -> planned structure) makes each part check, at its first call, that
+    it runs exactly its planned sites (see :func:`attnopt.rewriter.install.install`).
+    """
     uninstall_all(model)
-    for part in parts:
-        path = part if isinstance(part, str) else part.path
+    paths = [part if isinstance(part, str) else part.path for part in parts]
+    for path in paths:
         module = model.get_submodule(path) if path else model
-        install(module, _chooser(choices), prefix=path, choices=choices)
+        mine = None
+        if expected is not None:
+            mine = {n: st for n, st in expected.items() if _owning_part(site_module(n), paths) == path}
+        install(module, _chooser(choices), prefix=path, choices=choices, expected=mine)
+
+
+def _owning_part(module_path: str, parts: list[str]) -> str | None:
+    """The longest part path that contains ``module_path`` ('' contains everything)."""
+    owners = [p for p in parts if not p or module_path == p or module_path.startswith(p + ".")]
+    return max(owners, key=len) if owners else None
 
 
 def plan_choices(plan: Plan) -> dict[str, Choice]:
@@ -521,8 +647,15 @@ def plan_choices(plan: Plan) -> dict[str, Choice]:
 
 
 def install_plan(model: torch.nn.Module, plan: Plan, sites: list[AttentionSite] | None = None) -> torch.nn.Module:
-    """Apply ``plan`` to ``model``: prune heads where it says so, then install the rewrite."""
+    """Apply ``plan`` to ``model``: check it fits, prune heads where it says so, install the rewrite.
+
+    Raises:
+        PlanMismatchError: the model's modules differ from those the plan was made for (checked
+            without running the model; the sites themselves are checked at the first call).
+    """
+    check_modules(model, [e.site for e in plan.entries], plan.modules)
     choices = plan_choices(plan)
+    expected = {d["name"]: dict(d) for d in plan.sites}
     pruned = [e for e in plan.entries if e.family == "head_pruned"]
     if pruned:
         from attnopt.replacements.head_pruned import apply_head_pruning
@@ -536,7 +669,9 @@ def install_plan(model: torch.nn.Module, plan: Plan, sites: list[AttentionSite] 
                 )
             apply_head_pruning(model, by_name[e.site], e)
             choices[e.site] = Choice("exact")
-    install_choices(model, getattr(plan, "parts", None) or [""], choices)
+            for key in ("num_heads", "num_kv_heads"):  # the site now runs on fewer heads
+                expected.get(e.site, {}).pop(key, None)
+    install_choices(model, getattr(plan, "parts", None) or [""], choices, expected=expected or None)
     model._attnopt_plan = plan
     return model
 
@@ -547,19 +682,44 @@ def run_optimize(
     calib: Iterable[Any] | None,
     *,
     families: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
+    exclude: Exclude | None = (),
     **options: Any,
 ) -> torch.nn.Module:
     """Implementation of :func:`attnopt.optimize` (see there)."""
     run = run_plan(model, budget, calib, families=families, exclude=exclude, **options)
     if not run.sites:
-        from attnopt.api import _warn_no_sites
-
         uninstall_all(model)
-        _warn_no_sites(model)
+        warn_no_sites(model)
         return model
-    if run.plan.explanation:
-        log.warning("%s", run.plan.explanation)
-    install_plan(model, run.plan, run.sites)
+    plan = run.plan
+    if plan.explanation:
+        log.warning("%s", plan.explanation)
+    install_plan(model, plan, run.sites)
     model._attnopt_sites = run.sites
+    # One call through the installed plan: compiles it now rather than at the user's first call,
+    # and checks every planned site is met (a plan matching nothing raises here, not silently later).
+    args, kwargs = run.first_call
+    with torch.no_grad():
+        model(*args, **kwargs)
+    _say_what_changed(model, plan)
     return model
+
+
+def warn_no_sites(model: torch.nn.Module) -> None:
+    """Tell the user a model with no attention site comes back unchanged."""
+    warnings.warn(
+        f"attnopt found 0 attention sites in {type(model).__name__}; the model is returned unchanged.",
+        stacklevel=4,
+    )
+
+
+def _say_what_changed(model: torch.nn.Module, plan: Plan) -> None:
+    """Log the plan in one line; warn when a speed target was asked and every site stayed exact."""
+    varied = [e for e in plan.entries if e.family != "exact"]
+    log.info("attnopt: %s", plan.headline())
+    if not varied and plan.budget.has_speed_target:
+        why = plan.explanation or "no candidate was faster than exact attention within the tolerance"
+        warnings.warn(
+            f"attnopt: every attention site of {type(model).__name__} stays exact ({why}).",
+            stacklevel=4,
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -148,7 +148,8 @@ def calibrate(
         for args, kwargs in tqdm(
             calls, desc="attnopt calibrate", delay=2.0, disable=not progress, leave=False
         ):
-            model(*args, **kwargs)
+            # mapping arguments copied: a model may write into the mapping it is given
+            model(*(dict(a) if isinstance(a, Mapping) else a for a in args), **kwargs)
     missing = [s for s in (sites or []) if s not in stats]
     if missing:
         log.warning("calibration saw no call of site(s) %s", ", ".join(missing))

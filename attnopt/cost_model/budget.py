@@ -38,6 +38,9 @@ DEFAULT_MAX_ERROR = 0.02
 
 #: The error metrics a budget can be stated in, and what ``max_error`` means for each.
 METRICS = {
+    "auto": "the model's own measure, picked from its output when planning starts: perplexity for a "
+    "causal LM (logits over a vocabulary, labels or not), cosine for an encoder (hidden states, pooled "
+    "or sentence embeddings), output_rel_error otherwise",
     "output_rel_error": "relative L2 error of attention outputs against exact attention",
     "perplexity": "relative perplexity increase of the model (0.01 = +1%): exp(KL) - 1 of its next-token "
     "distributions, or the increase on the calls' labels when larger",
@@ -47,7 +50,7 @@ METRICS = {
 #: Default tolerance per metric (used when ``Budget.max_error`` is None). Perplexity: +1.5%,
 #: i.e. log2(1.015) = 0.021 more bits per token: 1.7% of codelm's 1.29 bits per byte (its
 #: acceptance bar is 2%), less for models with a higher loss per token.
-DEFAULT_MAX_ERRORS = {"output_rel_error": DEFAULT_MAX_ERROR, "perplexity": 0.015, "cosine": 2.0e-4}
+DEFAULT_MAX_ERRORS = {"auto": DEFAULT_MAX_ERROR, "output_rel_error": DEFAULT_MAX_ERROR, "perplexity": 0.015, "cosine": 2.0e-4}
 
 #: Where the speed side is measured: the attention sites alone, or the whole model forward.
 SCOPES = ("attention", "model")
@@ -76,8 +79,10 @@ class Budget:
             or when the planner should simply be as fast as the tolerance allows.
         latency_ms: absolute latency target in milliseconds (``> 0``), exclusive with ``speedup``.
         max_error: tolerance on ``metric``; ``None`` means :data:`DEFAULT_MAX_ERRORS` of the metric.
-        metric: one of :data:`METRICS`.
-        scope: one of :data:`SCOPES`.
+        metric: one of :data:`METRICS`; ``"auto"`` (the default) is resolved from the model's
+            output when planning starts (see :data:`METRICS`), and the plan records the result.
+        scope: one of :data:`SCOPES`: ``"model"`` measures one whole forward on the first
+            calibration call and plans the speedup of the whole model.
 
     Example:
         >>> Budget(speedup=2.0).tolerance
@@ -89,7 +94,7 @@ class Budget:
     speedup: float | None = None
     latency_ms: float | None = None
     max_error: float | None = None
-    metric: str = "output_rel_error"
+    metric: str = "auto"
     scope: str = "attention"
 
     def __post_init__(self) -> None:
@@ -115,6 +120,12 @@ class Budget:
         return DEFAULT_MAX_ERRORS[self.metric] if self.max_error is None else float(self.max_error)
 
     @property
+    def concrete_metric(self) -> str:
+        """The metric in force: ``"auto"`` not yet resolved from a model's output (the planner
+        used on its own, without a model) means attention-output error."""
+        return "output_rel_error" if self.metric == "auto" else self.metric
+
+    @property
     def exact(self) -> bool:
         """True when the budget allows no error at all (every site stays exact)."""
         return self.tolerance == 0.0
@@ -132,7 +143,7 @@ class Budget:
             speed = f"{self.speedup:g}x"
         else:
             speed = "fastest"
-        return f"{speed}, {self.metric}<={self.tolerance:g} ({self.scope})"
+        return f"{speed}, {self.concrete_metric}<={self.tolerance:g} ({self.scope})"
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict with a version, the inverse of :meth:`from_json`."""
@@ -187,7 +198,7 @@ def parse_budget(budget: str | float | Budget | None) -> Budget:
 
     Example:
         >>> parse_budget("2x")
-        Budget(speedup=2.0, latency_ms=None, max_error=None, metric='output_rel_error', scope='attention')
+        Budget(speedup=2.0, latency_ms=None, max_error=None, metric='auto', scope='attention')
         >>> parse_budget("latency<=500us").latency_ms
         0.5
     """

@@ -137,6 +137,9 @@ class Plan:
         parts: module paths the plan is installed on ('' = the whole model; several when the
             model could only be captured by parts).
         steps: what end-to-end validation did (each tightening step, then the validated error).
+        modules: per site module, its class and projection shapes
+            (:func:`attnopt.rewriter.verify.module_structure`), so a plan can be checked against
+            a model without running it; empty in plans saved before it was recorded.
     """
 
     entries: list[PlanEntry]
@@ -153,6 +156,7 @@ class Plan:
     versions: dict[str, str] = field(default_factory=dict)
     parts: list[str] = field(default_factory=lambda: [""])
     steps: list[str] = field(default_factory=list)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def entry(self, site: str) -> PlanEntry:
@@ -183,6 +187,26 @@ class Plan:
             f"Expected a model with attention fingerprint {self.fingerprint}, but got {got} "
             f"({'; '.join(diffs[:5]) or 'structures differ'}). Re-plan for this model with attnopt.plan()."
         )
+
+    def headline(self) -> str:
+        """One line: what the plan chose, its predicted speedup and its validated error.
+
+        Example: ``"4 sites: block_sparse x3, head_pruned x1; predicted 2.11x attention;
+        perplexity 0.0091 <= 0.015 (validated)"``.
+        """
+        counts: dict[str, int] = {}
+        for e in self.entries:
+            counts[e.family] = counts.get(e.family, 0) + 1
+        chosen = ", ".join(f"{f} x{n}" for f, n in sorted(counts.items(), key=lambda kv: (kv[0] == "exact", kv[0])))
+        speed = self.totals.get("speedup", 1.0)
+        scope = "whole model" if self.budget.scope == "model" else "attention"
+        err = self.totals.get("validated_error")
+        judged = (
+            f"{self.budget.metric} {err:.3g} <= {self.budget.tolerance:g} (validated)"
+            if err is not None
+            else f"{self.budget.metric} tolerance {self.budget.tolerance:g}"
+        )
+        return f"{len(self.entries)} site(s): {chosen or 'none'}; predicted {speed:.2f}x {scope}; {judged}"
 
     def summary(self) -> str:
         """Markdown table: site, family, config, decode path, predicted and measured latency, errors.
@@ -241,6 +265,7 @@ class Plan:
             "timings": self.timings,
             "parts": self.parts,
             "steps": self.steps,
+            "modules": self.modules,
         }
 
     def save(
@@ -388,5 +413,6 @@ def load_plan(directory: str | os.PathLike) -> Plan:
         versions=data.get("versions", {}),
         parts=data.get("parts", [""]),
         steps=data.get("steps", []),
+        modules=data.get("modules", {}),
         schema_version=version,
     )

@@ -315,7 +315,7 @@ def _target_seconds(budget: Budget, exact_total: float) -> float | None:
 def _explain(budget: Budget, best: Assignment, target: float | None, families) -> str:
     fams = "the families allowed" if families is None else f"the families allowed ({', '.join(families)})"
     reach = f"{best.speedup:.2f}x ({best.seconds * 1e3:.3g} ms)"
-    tol = f"{budget.metric}<={budget.tolerance:g}"
+    tol = f"{budget.concrete_metric}<={budget.tolerance:g}"
     if budget.latency_ms is not None:
         removed = 1.0 - target / best.exact_seconds if best.exact_seconds > 0 else 0.0
         need = f"latency<={budget.latency_ms:g}ms needs {removed:.0%} of the exact {best.exact_seconds * 1e3:.3g} ms removed"

@@ -39,7 +39,7 @@ def _exact_candidate(site: AttentionSite) -> Candidate:
 
 
 def _metric_error(budget: Budget, rel: float, cos: float | None) -> float:
-    if budget.metric == "cosine":
+    if budget.concrete_metric == "cosine":
         return 1.0 - cos if cos is not None else math.inf
     return rel  # "perplexity" is validated end to end; per site the relative error is its proxy
 
@@ -193,6 +193,7 @@ def make_plan(
     profile: DeviceProfile | str | None = None,
     measure: bool | str = False,
     other_seconds: float = 0.0,
+    model_seconds: float | None = None,
     max_total_error: float | None = None,
     families: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
@@ -215,6 +216,9 @@ def make_plan(
             instead of 5, and stops timing a candidate after one pair once it is 1.25x slower than
             exact (it cannot be chosen); ``False`` plans with predictions alone.
         other_seconds: non-attention time per forward (for ``scope="model"``).
+        model_seconds: measured time of one whole exact forward; with ``scope="model"`` the time
+            outside attention is this minus the sites' exact attention time (when
+            ``other_seconds`` is not given), so the speedup is of the whole model.
         max_total_error, families, exclude, pin: see :func:`~attnopt.cost_model.planner.solve_assignment`.
         with_pareto: also compute the Pareto front (one extra MILP per point).
         site_error_cap: per-site error bound under a speed target (default
@@ -239,8 +243,13 @@ def make_plan(
     if end_to_end:
         site_error_cap = budget.tolerance if site_error_cap is None else site_error_cap
         max_total_error = budget.tolerance if max_total_error is None else max_total_error
-    if budget.scope == "model" and other_seconds == 0.0:
-        log.info("attnopt: scope='model' without other_seconds plans attention time only")
+    if budget.scope == "model" and other_seconds == 0.0 and model_seconds is not None:
+        exact_total = sum(next(o.seconds for o in opts if o.family == "exact") for opts in options.values())
+        other_seconds = max(model_seconds - exact_total, 0.0)
+        log.info("attnopt: scope='model': %.3g s of %.3g s per forward is outside attention", other_seconds,
+                 model_seconds)
+    elif budget.scope == "model" and other_seconds == 0.0:
+        log.warning("attnopt: scope='model' without a whole-model time plans attention time only")
     t1 = time.perf_counter()
     best = solve_assignment(
         options,

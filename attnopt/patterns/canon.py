@@ -10,6 +10,8 @@ operands — or ``None`` when the node is none of them. Matchers are written aga
 from __future__ import annotations
 
 import operator
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,8 @@ __all__ = [
     "is_tensor_node",
     "scalar_value",
     "module_path_of",
+    "module_names_of",
+    "normalise_module_path",
     "real_users",
     "is_assertion",
 ]
@@ -231,30 +235,58 @@ def scalar_value(x: Any) -> float | None:
     return None
 
 
-def module_path_of(node: fx.Node) -> str:
-    """Innermost owning module path from ``nn_module_stack``, normalised across capture methods.
+def module_path_of(node: fx.Node, module_names: Mapping[int, str] | None = None) -> str:
+    """Innermost owning module's path, as the model's own ``named_modules()`` names it.
 
-    torch.export writes ``model.layers.0.self_attn``; dynamo ``L['self'].model.layers.0.self_attn``
-    (older releases ``L['self'].model.layers[0]``); both map to ``model.layers.0.self_attn``.
+    Resolved by identity where the graph records it: dynamo keys ``nn_module_stack`` entries by
+    ``id(module)``, so with ``module_names`` (``id -> name`` of the captured root's modules) the
+    name is the model's own, whatever wrapper, argument position or decorator dynamo rooted the
+    path at. torch.export's paths are already relative to its root. Otherwise the recorded
+    source string is normalised (:func:`normalise_module_path`).
     """
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
+    key, (path, _type) = list(stack.items())[-1]
+    if module_names:
+        try:
+            name = module_names.get(int(key))
+        except (TypeError, ValueError):
+            name = None
+        if name is not None:
+            return name
     return normalise_module_path(path)
 
 
-def normalise_module_path(path: str) -> str:
-    import re
+#: A dynamo source's root: the traced frame's local (``L['self']``, ``L['args']``, ``L['fn']``)
+#: followed by argument subscripts, bound-method and ``functools`` hops (``.__self__``,
+#: ``.__wrapped__``, a partial's ``.args[0]`` / ``.keywords['m']``), before the first module attribute.
+_SUBSCRIPT = r"\[(?:\d+|'[^']+'|\"[^\"]+\")\]"
+_SOURCE_ROOT = re.compile(
+    rf"^L{_SUBSCRIPT}(?:{_SUBSCRIPT}|\.__self__|\.__wrapped__|\.func|\.(?:args|keywords){_SUBSCRIPT})*"
+)
 
-    # dynamo roots paths at the traced function's argument: L['self'], L['fn'].__self__, ...
-    path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", path)
-    path = re.sub(r"^__self__\.?", "", path)
+
+def normalise_module_path(path: str) -> str:
+    """A recorded module path in ``a.b.0.c`` form, for graphs without module identities.
+
+    dynamo writes ``L['self'].model.layers[0]``, ``L['args'][0].model.layers.0`` (a wrapper's
+    positional argument, as transformers 5.24's decorated ``forward`` gives),
+    ``L['fn'].__self__._modules['model']``; torch.export writes ``model.layers.0``. The root
+    expression is dropped whole, then subscripts become dotted names.
+    """
+    while (unwrapped := re.sub(r"getattr\(([^,()]+), ['\"]([^'\"]+)['\"]\)", r"\1.\2", path)) != path:
+        path = unwrapped
+    path = _SOURCE_ROOT.sub("", path)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
-    path = re.sub(r"getattr\(([^,]+), ['\"]([^'\"]+)['\"]\)", r"\1.\2", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     return path.strip(".")
+
+
+def module_names_of(root: torch.nn.Module) -> dict[int, str]:
+    """``id(module) -> name`` for every module of ``root`` (its ``named_modules()``, '' for itself)."""
+    return {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
 
 
 def is_assertion(node: fx.Node) -> bool:

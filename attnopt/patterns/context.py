@@ -8,13 +8,13 @@ value, to classify it) and to decide whether a mask depends on input *values* or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from attnopt.patterns.canon import node_val
+from attnopt.patterns.canon import module_path_of, node_val
 
 __all__ = ["GraphContext"]
 
@@ -31,6 +31,10 @@ class GraphContext:
         weight_placeholders: names of placeholders that hold parameters or buffers (dynamo
             lifts them into placeholders); detected from names and ``nn.Parameter`` values
             when not given.
+        module_names: ``id(module) -> name`` for the captured root's modules
+            (:func:`~attnopt.patterns.canon.module_names_of`), so sites are named by the model's
+            own ``named_modules()`` whatever path the tracer recorded; without it, recorded
+            paths are normalised as text.
     """
 
     def __init__(
@@ -38,8 +42,10 @@ class GraphContext:
         gm: fx.GraphModule,
         example_inputs: Sequence[Any] = (),
         weight_placeholders: set[str] | None = None,
+        module_names: Mapping[int, str] | None = None,
     ) -> None:
         self.gm = gm
+        self.module_names = module_names
         self.graph = gm.graph
         self.placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.example = dict(zip(self.placeholders, example_inputs)) if example_inputs else {}
@@ -54,6 +60,10 @@ class GraphContext:
         self._values: dict[fx.Node, Any] = {}
         self._data_dep: dict[fx.Node, bool] = {}
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
+
+    def module_path(self, node: fx.Node) -> str:
+        """The path of the module owning ``node`` (see :func:`~attnopt.patterns.canon.module_path_of`)."""
+        return module_path_of(node, self.module_names)
 
     # -- classification of leaves -----------------------------------------------------------
     def is_weight(self, node: Any) -> bool:

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from attnopt.patterns.canon import canon, module_path_of, node_dtype
+from attnopt.patterns.canon import canon, node_dtype
 from attnopt.patterns.context import GraphContext
 from attnopt.patterns.masks import additive_to_allowed, causal_allowed, classify_allowed
 from attnopt.patterns.matchers import MATCHERS, SiteMatch
@@ -106,7 +106,7 @@ def _to_site(ctx: GraphContext, m: SiteMatch) -> AttentionSite:
     )
     return AttentionSite(
         name="",
-        module_path=module_path_of(m.output) or module_path_of(m.anchor),
+        module_path=ctx.module_path(m.output) or ctx.module_path(m.anchor),
         index=0,
         pattern=m.pattern,
         num_heads=m.num_heads,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from attnopt.patterns.canon import canon, module_path_of, node_shape, scalar_value
+from attnopt.patterns.canon import canon, node_shape, scalar_value
 from attnopt.patterns.context import GraphContext
 
 __all__ = [
@@ -284,5 +284,4 @@ def _splits_last_dim(node: fx.Node) -> bool:
 def projection_path(node: fx.Node, ctx: GraphContext) -> str:
     if node.op == "call_module":
         return str(node.target)
-    path = module_path_of(node)
-    return path
+    return ctx.module_path(node)

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
 
+from attnopt.patterns.canon import module_names_of
 from attnopt.patterns.context import GraphContext
 from attnopt.patterns.find import find_sites_in_graph, prefix_sites
 from attnopt.patterns.site import AttentionSite
 from attnopt.rewriter.rewrite import Choice, rewrite_graph
+from attnopt.rewriter.verify import SiteCoverage
 
 __all__ = ["RewriteBackend", "attnopt_backend"]
 
@@ -35,13 +39,34 @@ class RewriteBackend:
         choose: the plan, as a function of each site found in a captured graph.
         inductor: compile the rewritten graph with Inductor (``torch.compile`` use) instead of
             running it as is.
+        prefix: the compiled module's path in the user's model (a captured part).
+        root: the compiled module, when known: its modules name the sites by identity
+            (:func:`~attnopt.patterns.canon.module_names_of`) instead of by the source strings
+            dynamo records, which depend on how the call reached the model (a wrapper's argument,
+            a decorator, ``torch.compile(model.forward)``). Held weakly.
+        coverage: records the sites met in every graph, for the installed forward's check
+            that the plan matched (:class:`~attnopt.rewriter.verify.SiteCoverage`).
     """
 
-    def __init__(self, choose: ChoiceFn, inductor: bool = False, prefix: str = "") -> None:
+    def __init__(
+        self,
+        choose: ChoiceFn,
+        inductor: bool = False,
+        prefix: str = "",
+        root: torch.nn.Module | None = None,
+        coverage: SiteCoverage | None = None,
+    ) -> None:
         self.choose = choose
         self.prefix = prefix
         self.inductor = inductor
+        self._root = weakref.ref(root) if root is not None else None
+        self.coverage = coverage
         self.compiles: list[dict[str, Any]] = []
+
+    def module_names(self) -> dict[int, str] | None:
+        """``id -> name`` of the root's modules now (recomputed: the user may change the model)."""
+        root = self._root() if self._root is not None else None
+        return module_names_of(root) if root is not None else None
 
     def __call__(
         self,
@@ -62,9 +87,11 @@ class RewriteBackend:
         # rewrite itself is shape-generic (the operators take their shapes at run time), so the
         # reads are made without guards.
         with _no_shape_guards(example_inputs):
-            ctx = GraphContext(gm, example_inputs)
+            ctx = GraphContext(gm, example_inputs, module_names=self.module_names())
             sites = find_sites_in_graph(ctx)
             prefix_sites(sites, self.prefix)
+            if self.coverage is not None:
+                self.coverage.record(sites)
             choices = {}
             for s in sites:
                 c = self.choose(s)

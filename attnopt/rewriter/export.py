@@ -30,9 +30,11 @@ import torch
 import torch.fx as fx
 
 from attnopt.codegen.ops import FAMILY_OPS as _FAMILY_OPS
+from attnopt.patterns.canon import module_names_of
 from attnopt.patterns.context import GraphContext
 from attnopt.patterns.find import find_sites_in_graph
 from attnopt.patterns.site import AttentionSite
+from attnopt.rewriter.calls import as_call
 from attnopt.rewriter.install import _ATTR, installed_backends
 from attnopt.rewriter.rewrite import Choice, rewrite_graph
 
@@ -61,8 +63,6 @@ class ExportCheckError(RuntimeError):
 
 
 def _as_call(example: Any, kwargs: dict | None) -> tuple[tuple, dict]:
-    from attnopt.api import as_call
-
     if kwargs is not None:
         if not isinstance(kwargs, dict):
             raise TypeError(
@@ -191,7 +191,9 @@ def _rewritten_module(model, args, kwargs, strict: bool) -> tuple[fx.GraphModule
                 "Export the captured parts (model._attnopt_plan.parts) one by one instead."
             ) from e
     gm = ep.module()
-    sites = find_sites_in_graph(GraphContext(gm, _flat_inputs(ep, gm, args, kwargs)))
+    sites = find_sites_in_graph(
+        GraphContext(gm, _flat_inputs(ep, gm, args, kwargs), module_names=module_names_of(model))
+    )
     choices = {s.name: c for s in sites if (c := choose(s)) is not None}
     n = rewrite_graph(gm, sites, choices)
     _drop_replaced(gm, [s for s in sites if s.name in choices and s.rewritable])
@@ -305,7 +307,7 @@ def export(
     Args:
         model: a model returned by :func:`attnopt.optimize` or :func:`attnopt.apply`.
         args: positional example arguments (a tuple), or one example call as
-            :func:`attnopt.api.as_call` accepts it (tensor, tuple, dict) when ``kwargs`` is None.
+            :func:`attnopt.rewriter.calls.as_call` accepts it (tensor, tuple, mapping) when ``kwargs`` is None.
         kwargs: keyword example arguments.
         strict: passed to ``torch.export.export``.
         check: run the program and the optimised model on the example and compare.

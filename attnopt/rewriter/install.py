@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from attnopt.rewriter.backend import ChoiceFn, RewriteBackend
 from attnopt.rewriter.export_mode import planned_sdpa
 from attnopt.rewriter.rewrite import Choice
+from attnopt.rewriter.verify import SiteCoverage
 
 __all__ = ["install", "uninstall", "uninstall_all", "installed_backend", "installed_backends"]
 
@@ -30,6 +32,7 @@ def install(
     choose: ChoiceFn,
     prefix: str = "",
     choices: Mapping[str, Choice] | None = None,
+    expected: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> torch.nn.Module:
     """Make ``model.forward`` run with attention rewritten by ``choose``; returns ``model``.
 
@@ -37,14 +40,21 @@ def install(
     captured part (see :func:`attnopt.rewriter.capture.capture_parts`). ``choices`` (the plan
     per site name) also makes ``torch.export.export(model, ...)`` produce the plan's operators
     for sites written with ``scaled_dot_product_attention`` (see :mod:`attnopt.rewriter.export_mode`).
+    ``expected`` (planned site name -> structure, for the sites under ``prefix``) makes the first
+    call, and every call that captures a new graph, check that the model still runs exactly
+    these sites with these shapes (:class:`~attnopt.rewriter.verify.SiteCoverage`): a plan that
+    matches nothing raises :class:`~attnopt.rewriter.verify.PlanMismatchError` instead of
+    silently running the model unoptimised.
     """
     uninstall(model)
     import torch._dynamo
 
     # One model may need a graph per input shape (prefill, decode, other lengths).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    backend = RewriteBackend(choose, prefix=prefix)
+    coverage = SiteCoverage(expected) if expected is not None else None
+    backend = RewriteBackend(choose, prefix=prefix, root=model, coverage=coverage)
     original = model.forward
+    checked = False
     compiled = torch.compile(original, backend=backend, dynamic=None)
 
     @functools.wraps(original)
@@ -58,7 +68,13 @@ def install(
                 # torch.export traces the Python forward, not the compiled graph: route the
                 # planned SDPA calls to attnopt operators while it does.
                 return planned_sdpa(model, choices, prefix, lambda: original(*args, **kwargs))
-            return compiled(*args, **kwargs)
+            nonlocal checked
+            compiles = len(backend.compiles)
+            out = compiled(*args, **kwargs)
+            if coverage is not None and (not checked or len(backend.compiles) != compiles):
+                checked = True
+                coverage.check(type(model).__name__ + (f" (part {prefix})" if prefix else ""))
+            return out
         finally:
             torch.backends.mha.set_fastpath_enabled(previous)
 
