@@ -33,9 +33,10 @@ from attnopt.patterns.site import AttentionSite
 from attnopt.replacements.base import FAMILY_NAMES, Candidate, get_family
 from attnopt.rewriter.calls import fresh_args, normalise_calib
 from attnopt.rewriter.capture import CapturedPart
+from attnopt.rewriter.hf_route import route, route_reason, routed_sites
 from attnopt.rewriter.install import install, uninstall_all
 from attnopt.rewriter.rewrite import Choice
-from attnopt.rewriter.verify import check_modules, module_structure, site_module
+from attnopt.rewriter.verify import PlanMismatchError, check_modules, module_structure, site_module
 
 __all__ = [
     "run_optimize",
@@ -646,8 +647,18 @@ def plan_choices(plan: Plan) -> dict[str, Choice]:
     }
 
 
-def install_plan(model: torch.nn.Module, plan: Plan, sites: list[AttentionSite] | None = None) -> torch.nn.Module:
+def install_plan(
+    model: torch.nn.Module, plan: Plan, sites: list[AttentionSite] | None = None, *, prefer_route: bool = True
+) -> torch.nn.Module:
     """Apply ``plan`` to ``model``: check it fits, prune heads where it says so, install the rewrite.
+
+    What runs afterwards costs nothing beyond the plan's own operators where that is possible:
+
+    * a plan that leaves every site exact (after head pruning, which rewrites weights) installs
+      nothing: the model keeps its own forward and runs as fast as before;
+    * a Hugging Face model whose sites dispatch through transformers' attention registry is
+      routed there (:mod:`attnopt.rewriter.hf_route`; ``prefer_route=False`` skips it);
+    * anything else runs the dynamo-captured graph rewrite (:mod:`attnopt.rewriter.install`).
 
     Raises:
         PlanMismatchError: the model's modules differ from those the plan was made for (checked
@@ -671,8 +682,13 @@ def install_plan(model: torch.nn.Module, plan: Plan, sites: list[AttentionSite] 
             choices[e.site] = Choice("exact")
             for key in ("num_heads", "num_kv_heads"):  # the site now runs on fewer heads
                 expected.get(e.site, {}).pop(key, None)
-    install_choices(model, getattr(plan, "parts", None) or [""], choices, expected=expected or None)
+    uninstall_all(model)
     model._attnopt_plan = plan
+    if all(c.family == "exact" for c in choices.values()):
+        return model
+    if prefer_route and route(model, choices, expected):
+        return model
+    install_choices(model, getattr(plan, "parts", None) or [""], choices, expected=expected or None)
     return model
 
 
@@ -694,15 +710,51 @@ def run_optimize(
     plan = run.plan
     if plan.explanation:
         log.warning("%s", plan.explanation)
+    args, kwargs = run.first_call
+    reference = None
+    if any(e.family != "exact" for e in plan.entries) and route_reason(model, [e.site for e in plan.entries]) is None:
+        # What the plan computes on the graph path (exact operators plus the plan's overrides,
+        # as validated): the registry route must compute the same.
+        with torch.no_grad(), overrides(_override_table(plan)):
+            reference = model(*fresh_args(args), **kwargs)
     install_plan(model, plan, run.sites)
     model._attnopt_sites = run.sites
     # One call through the installed plan: compiles it now rather than at the user's first call,
     # and checks every planned site is met (a plan matching nothing raises here, not silently later).
-    args, kwargs = run.first_call
-    with torch.no_grad():
-        model(*args, **kwargs)
+    if routed_sites(model):
+        _check_route(model, plan, run.sites, (args, kwargs), reference)
+    else:
+        with torch.no_grad():
+            model(*fresh_args(args), **kwargs)
     _say_what_changed(model, plan)
     return model
+
+
+#: Largest relative error between the registry route's output and the graph path's for the same
+#: plan: both run the same operators, so anything above float round-off means the route differs.
+ROUTE_TOLERANCE = 1e-3
+
+
+def _check_route(model: torch.nn.Module, plan: Plan, sites, call, reference: Any) -> None:
+    """Run ``call`` through the routed plan; fall back to the graph rewrite if it differs or fails."""
+    args, kwargs = call
+    why = None
+    try:
+        with torch.no_grad():
+            out = model(*fresh_args(args), **kwargs)
+        if reference is not None:
+            err = output_error(out, reference, "output_rel_error")
+            if not err <= ROUTE_TOLERANCE:
+                why = f"its output differs from the graph rewrite's by {err:.3g}"
+    except PlanMismatchError as e:
+        why = str(e)
+    if why is None:
+        log.info("attnopt: %d site(s) routed through transformers' AttentionInterface", len(routed_sites(model)))
+        return
+    log.warning("attnopt: running the plan through the graph rewrite, not transformers' AttentionInterface: %s", why)
+    install_plan(model, plan, sites, prefer_route=False)
+    with torch.no_grad():
+        model(*fresh_args(args), **kwargs)
 
 
 def warn_no_sites(model: torch.nn.Module) -> None:

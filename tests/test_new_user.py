@@ -14,6 +14,7 @@ from attnopt.deferred import DEFAULT_CALLS, is_planning_pending
 from attnopt.pipeline import default_metric, resolve_exclude
 
 from .rewriter.test_export import _llama_call, _tiny_llama
+from .rewriter.test_hf_route import LOOSE, _calls, _llama, _variant_plan
 
 
 def _logits(model, call):
@@ -186,14 +187,30 @@ def test_a_plan_for_another_model_is_refused_without_an_example():
     attnopt.apply(_other_llama(layers=2, kv_heads=2), plan)  # same structure: accepted
 
 
-def test_a_model_changed_after_planning_is_named_at_the_next_call():
-    model = _tiny_llama()
-    attnopt.optimize(model, "1x", calib=[_llama_call(16)])
+@pytest.mark.parametrize("prefer_route", [True, False], ids=["registry-route", "graph-rewrite"])
+def test_a_model_changed_after_planning_is_named_at_the_next_call(prefer_route):
+    from attnopt.pipeline import install_plan
+
+    model = _llama()
+    run = _variant_plan(model)
+    install_plan(model, run.plan, run.sites, prefer_route=prefer_route)
+    _logits(model, _calls(1)[0])
     model.model.layers.append(copy.deepcopy(model.model.layers[1]))
     model.model.layers[2].self_attn.layer_idx = 2
+    model.model.layers[2].self_attn.__dict__.pop("_attnopt_route", None)
     model.config.num_hidden_layers = 3
-    with pytest.raises(attnopt.PlanMismatchError, match=r"site\(s\) the plan does not know: model.layers.2"):
-        _logits(model, _llama_call(16))
+    with pytest.raises(
+        attnopt.PlanMismatchError,
+        match=r"site\(s\) the plan does not know: model.layers.2|a LlamaAttention is not",
+    ):
+        _logits(model, _calls(1)[0])
+
+
+def test_an_exact_plan_installs_nothing_and_costs_nothing():
+    model = _tiny_llama()
+    attnopt.optimize(model, "1x", calib=[_llama_call(16)])
+    assert "forward" not in model.__dict__ and model.config._attn_implementation == "sdpa"
+    assert attnopt.installed_plan(model).headline().startswith("2 site(s): exact x2")
 
 
 def test_a_plan_whose_sites_are_not_met_raises(monkeypatch):
@@ -209,7 +226,7 @@ def test_a_plan_whose_sites_are_not_met_raises(monkeypatch):
 
     monkeypatch.setattr(backend, "prefix_sites", misname)
     with pytest.raises(attnopt.PlanMismatchError, match="planned site\\(s\\) not found in the running model"):
-        attnopt.optimize(_tiny_llama(), "1x", calib=[_llama_call(16)])
+        attnopt.optimize(_llama(), LOOSE, calib=_calls(2), families=("quantized", "block_sparse"), target="h100")
 
 
 def test_speed_target_met_by_nothing_warns():

@@ -35,6 +35,7 @@ from attnopt.patterns.context import GraphContext
 from attnopt.patterns.find import find_sites_in_graph
 from attnopt.patterns.site import AttentionSite
 from attnopt.rewriter.calls import as_call
+from attnopt.rewriter.hf_route import suspended
 from attnopt.rewriter.install import _ATTR, installed_backends
 from attnopt.rewriter.rewrite import Choice, rewrite_graph
 
@@ -89,7 +90,8 @@ def _bypassed(model: torch.nn.Module) -> Iterator[None]:
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        yield
+        with suspended(model):  # a registry route: export the model's own attention to rewrite it
+            yield
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
         for m, fwd in saved:

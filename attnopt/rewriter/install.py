@@ -19,6 +19,7 @@ import torch
 
 from attnopt.rewriter.backend import ChoiceFn, RewriteBackend
 from attnopt.rewriter.export_mode import planned_sdpa
+from attnopt.rewriter.hf_route import unroute
 from attnopt.rewriter.rewrite import Choice
 from attnopt.rewriter.verify import SiteCoverage
 
@@ -103,7 +104,9 @@ def installed_backends(model: torch.nn.Module) -> dict[str, RewriteBackend]:
 
 
 def uninstall_all(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo every :func:`install` on ``model`` and its submodules."""
+    """Undo every :func:`install` on ``model`` and its submodules, and any registry route
+    (:func:`attnopt.rewriter.hf_route.route`)."""
+    unroute(model)
     for _, m in model.named_modules():
         uninstall(m)
     return model

@@ -115,14 +115,17 @@ class SiteCoverage:
     def record(self, sites: Iterable[AttentionSite]) -> None:
         """Note the sites one captured graph holds (called by the backend for every graph)."""
         for s in sites:
-            self.seen.add(s.name)
-            want = self.planned.get(s.name)
-            if want is None:
-                continue
-            got = s.structure()
-            diff = [f"{k} {want[k]!r}->{got[k]!r}" for k in RUNTIME_KEYS if k in want and want[k] != got[k]]
-            if diff:
-                self.changed.append(f"{s.name}: {', '.join(diff)}")
+            self.note(s.name, s.structure())
+
+    def note(self, name: str, got: Mapping[str, Any]) -> None:
+        """Note one site met at run time with the structure ``got`` (at least :data:`RUNTIME_KEYS`)."""
+        self.seen.add(name)
+        want = self.planned.get(name)
+        if want is None:
+            return
+        diff = [f"{k} {want[k]!r}->{got[k]!r}" for k in RUNTIME_KEYS if want.get(k) is not None and want[k] != got[k]]
+        if diff:
+            self.changed.append(f"{name}: {', '.join(diff)}")
 
     def check(self, model_name: str) -> None:
         """Raise :class:`PlanMismatchError` if a planned site was never met or met with another shape."""

@@ -86,14 +86,16 @@ def _main_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def _set_entries(model: nn.Module, families: dict[int, tuple[str, dict, list]]) -> None:
-    """Install a hand-made plan: ``families[i] = (family, config json, params)`` for site ``i``."""
+def _set_entries(model: nn.Module, families: dict[int, tuple[str, dict, list]], prefer_route: bool = True) -> None:
+    """Install a hand-made plan: ``families[i] = (family, config json, params)`` for site ``i``.
+
+    ``prefer_route=False`` installs the graph rewrite on a Hugging Face model too."""
     plan, sites = model._attnopt_plan, model._attnopt_sites
     entries = [PlanEntry(site=s.name, family="exact", config={}) for s in sites]
     for i, (fam, cfg, params) in families.items():
         entries[i] = PlanEntry(site=sites[i].name, family=fam, config=cfg, params=list(params))
     plan.entries = entries
-    install_plan(model, plan, sites)
+    install_plan(model, plan, sites, prefer_route=prefer_route)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def bert():
 def llama_program(llama, tmp_path_factory):
     """The exact-plan Llama exported once and saved: (program, path of the .pt2, wrapper seen before)."""
     model, _, call = llama
-    before = model.__dict__["forward"]
+    before = model.__dict__.get("forward")  # None: an all-exact plan installs nothing
     program = export(model, call)
     path = tmp_path_factory.mktemp("export") / "llama.pt2"
     torch.export.save(program, path)
@@ -130,7 +132,7 @@ def llama_program(llama, tmp_path_factory):
 def test_exact_plan_exports_attnopt_ops_and_round_trips(llama, llama_program):
     model, reference, _ = llama
     program, path, before = llama_program
-    assert model.__dict__["forward"] is before  # the installed wrapper is back after export
+    assert model.__dict__.get("forward") is before  # the model is as it was after export
     assert _families(program) == ["exact", "exact"]
     assert not any(
         n.target == torch.ops.aten.scaled_dot_product_attention.default for n in program.graph.nodes
@@ -305,23 +307,28 @@ def test_exact_only_model_lowers_past_the_torch_dialect(output_type):
     assert ("linalg." if output_type == "linalg-on-tensors" else "tosa.") in text
 
 
-def test_plain_torch_export_of_an_optimised_model_holds_the_plans_operators(tmp_path):
-    """``torch.export.export(optimized_model, ...)`` itself (not only attnopt.export) carries the plan."""
+@pytest.mark.parametrize("prefer_route", [True, False], ids=["registry-route", "graph-rewrite"])
+def test_plain_torch_export_of_an_optimised_model_holds_the_plans_operators(tmp_path, prefer_route):
+    """``torch.export.export(optimized_model, ...)`` itself (not only attnopt.export) carries the plan,
+    whether it runs through transformers' AttentionInterface or the graph rewrite."""
     torch.manual_seed(3)
     model = _tiny_llama()
     call = _llama_call(32)
     attnopt.optimize(model, "1x", calib=[call])
-    _set_entries(model, {1: ("quantized", QuantizedConfig().to_json(), [])})
+    _set_entries(model, {1: ("quantized", QuantizedConfig().to_json(), [])}, prefer_route=prefer_route)
     program = torch.export.export(model, (), call)
-    assert _families(program) == ["exact", "quantized"]
-    assert not any(n.target == torch.ops.aten.scaled_dot_product_attention.default for n in program.graph.nodes)
+    sdpa = [n for n in program.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    if prefer_route:  # the exact site runs transformers' own SDPA call
+        assert _families(program) == ["quantized"] and len(sdpa) == 1
+    else:
+        assert _families(program) == ["exact", "quantized"] and not sdpa
     fresh = _llama_call(32)
     with torch.no_grad():
         want = _main_output(model(**fresh))  # the optimised model's own kernels
         torch.testing.assert_close(_main_output(program.module()(**fresh)), want)
         torch.export.save(program, tmp_path / "plain.pt2")
         loaded = torch.export.load(tmp_path / "plain.pt2")
-        assert _families(loaded) == ["exact", "quantized"]
+        assert _families(loaded) == _families(program)
         torch.testing.assert_close(_main_output(loaded.module()(**fresh)), want)
 
 
@@ -335,9 +342,12 @@ def test_plain_torch_export_warns_about_hand_written_attention():
     model = LlamaForCausalLM(cfg).eval()
     call = _llama_call(16)
     attnopt.optimize(model, "1x", calib=[call])
-    _set_entries(model, {0: ("quantized", QuantizedConfig().to_json(), [])})
+    _set_entries(model, {0: ("quantized", QuantizedConfig().to_json(), [])}, prefer_route=False)
     site = model._attnopt_sites[0].name
     with pytest.warns(UserWarning, match=re.escape(site) + ".*attnopt.export"):
         program = torch.export.export(model, (), call)
     assert _families(program) == []
     assert _families(export(model, call)) == ["quantized"]  # attnopt.export rewrites the graph instead
+    # routed through transformers' AttentionInterface, the eager model's site is a call like any other
+    _set_entries(model, {0: ("quantized", QuantizedConfig().to_json(), [])})
+    assert _families(torch.export.export(model, (), call)) == ["quantized"]
