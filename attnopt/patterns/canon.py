@@ -104,6 +104,26 @@ _TABLE: dict[str, tuple[set, set, set]] = {
     ),
 }
 
+# In-place and ``out=`` spellings compute the same value as the out-of-place op (Falcon writes
+# ``scores /= sqrt(d)``, ``logits *= inv_norm``), so they share its kind. Matching reads values, not
+# aliasing; a site's internal nodes are replaced as a whole, so the mutation goes with them.
+_INPLACE: dict[str, tuple[set, set, set]] = {
+    "mul": ({operator.imul}, {"mul_", "__imul__"}, _ov("mul_", "Tensor", "Scalar") | _ov("mul", "out")),
+    "div": (
+        {operator.itruediv},
+        {"div_", "__itruediv__"},
+        _ov("div_", "Tensor", "Scalar") | _ov("div", "out"),
+    ),
+    "add": ({operator.iadd}, {"add_", "__iadd__"}, _ov("add_", "Tensor", "Scalar") | _ov("add", "out")),
+    "masked_fill": (set(), {"masked_fill_"}, _ov("masked_fill_", "Scalar", "Tensor")),
+    "softmax": (set(), set(), _ov("softmax", "int_out") | _ov("_softmax", "out")),
+    "baddbmm": (set(), {"baddbmm_"}, _ov("baddbmm_", "default") | _ov("baddbmm", "out")),
+}
+for _kind, (_fns, _methods, _ovs) in _INPLACE.items():
+    _TABLE[_kind][0].update(_fns)
+    _TABLE[_kind][1].update(_methods)
+    _TABLE[_kind][2].update(_ovs)
+
 _BY_TARGET: dict[Any, str] = {}
 _BY_METHOD: dict[str, str] = {}
 for _kind, (_fns, _methods, _ovs) in _TABLE.items():
