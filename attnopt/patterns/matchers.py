@@ -404,7 +404,9 @@ def _walk_probs(p: fx.Node, ctx: GraphContext) -> tuple[fx.Node, set, float, boo
             if op is None:
                 external = True
                 continue
-            if op.kind in ("identity", "dropout") or (op.kind == "reshape" and _lead_regroup(cur, u) is not None):
+            if op.kind in ("identity", "dropout") or (
+                op.kind == "reshape" and _lead_regroup(cur, u) is not None
+            ):
                 if nxt is None:
                     nxt = u
                     if op.kind == "dropout":
