@@ -687,8 +687,17 @@ def _negative_entries() -> list[ZooModel]:
     ]
 
 
+def _broad_entries() -> list[ZooModel]:
+    """The further families of :mod:`tests.zoo_broad` (imported late: it builds on this module)."""
+    from tests.zoo_broad import broad_entries, broad_hand_entries
+
+    return broad_entries() + broad_hand_entries()
+
+
 #: Every zoo entry, Hugging Face first.
-ZOO: tuple[ZooModel, ...] = tuple(_hf_entries() + _torch_entries() + _hand_entries() + _negative_entries())
+ZOO: tuple[ZooModel, ...] = tuple(
+    _hf_entries() + _torch_entries() + _hand_entries() + _negative_entries() + _broad_entries()
+)
 
 
 def by_name(name: str) -> ZooModel:

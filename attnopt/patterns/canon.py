@@ -32,6 +32,7 @@ __all__ = [
     "normalise_module_path",
     "real_users",
     "is_assertion",
+    "relink_inplace_uses",
 ]
 
 aten = torch.ops.aten
@@ -104,6 +105,29 @@ _TABLE: dict[str, tuple[set, set, set]] = {
     ),
 }
 
+# In-place and ``out=`` spellings compute the same value as the out-of-place op (Falcon writes
+# ``scores /= sqrt(d)``, ``logits *= inv_norm``), so they share its kind. Matching reads values, not
+# aliasing; a site's internal nodes are replaced as a whole, so the mutation goes with them.
+_INPLACE: dict[str, tuple[set, set, set]] = {
+    "mul": ({operator.imul}, {"mul_", "__imul__"}, _ov("mul_", "Tensor", "Scalar") | _ov("mul", "out")),
+    "div": (
+        {operator.itruediv},
+        {"div_", "__itruediv__"},
+        _ov("div_", "Tensor", "Scalar") | _ov("div", "out"),
+    ),
+    "add": ({operator.iadd}, {"add_", "__iadd__"}, _ov("add_", "Tensor", "Scalar") | _ov("add", "out")),
+    "masked_fill": (set(), {"masked_fill_"}, _ov("masked_fill_", "Scalar", "Tensor")),
+    "softmax": (set(), set(), _ov("softmax", "int_out") | _ov("_softmax", "out")),
+    "baddbmm": (set(), {"baddbmm_"}, _ov("baddbmm_", "default") | _ov("baddbmm", "out")),
+}
+for _kind, (_fns, _methods, _ovs) in _INPLACE.items():
+    _TABLE[_kind][0].update(_fns)
+    _TABLE[_kind][1].update(_methods)
+    _TABLE[_kind][2].update(_ovs)
+
+_INPLACE_TARGETS = {f for _fns, _m, _ovs in _INPLACE.values() for f in _fns | _ovs}
+_INPLACE_METHODS = {m for _f, _ms, _o in _INPLACE.values() for m in _ms}
+
 _BY_TARGET: dict[Any, str] = {}
 _BY_METHOD: dict[str, str] = {}
 for _kind, (_fns, _methods, _ovs) in _TABLE.items():
@@ -169,6 +193,39 @@ def canon(node: Any, gm: fx.GraphModule | None = None) -> Op | None:
     if kind == "where" and node.op == "call_function" and len(args) == 1:
         return None  # torch.where(cond) returns indices
     return Op(kind, args, kwargs, node)
+
+
+def _mutates_first_arg(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _INPLACE_METHODS
+    return node.op == "call_function" and node.target in _INPLACE_TARGETS and "out" not in node.kwargs
+
+
+def relink_inplace_uses(gm: fx.GraphModule) -> int:
+    """Make later reads of a tensor mutated in place read the in-place op's node instead.
+
+    dynamo records ``s.masked_fill_(m, -inf); softmax(s)`` with the softmax reading ``s``, so
+    the mask is invisible to a walk up from the softmax and the mutation looks like an outside
+    use of the scores. The in-place op returns its (mutated) first argument, so reading its
+    node is the same tensor: the graph computes exactly what it did, now in dataflow form.
+
+    Returns:
+        How many uses were relinked (the graph is linted and recompiled when any were).
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    changed = 0
+    for node in list(gm.graph.nodes):
+        base = node.args[0] if node.args else None
+        if not isinstance(base, fx.Node) or not _mutates_first_arg(node):
+            continue
+        for user in list(base.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(base, node)
+                changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
 
 
 def _getitem_kind(node: fx.Node) -> str | None:

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from attnopt.patterns.canon import canon, node_dtype
+from attnopt.patterns.canon import canon, node_dtype, relink_inplace_uses
 from attnopt.patterns.context import GraphContext
 from attnopt.patterns.masks import additive_to_allowed, causal_allowed, classify_allowed
 from attnopt.patterns.matchers import MATCHERS, SiteMatch
@@ -40,6 +40,7 @@ def find_sites_in_graph(ctx: GraphContext, module_paths: dict[str, str] | None =
     Returns:
         Sites with ``site.graph`` set to the :class:`SiteMatch` the rewriter needs.
     """
+    relink_inplace_uses(ctx.gm)  # in-place ops in dataflow form before any walk reads the graph
     matches: list[SiteMatch] = []
     by_kind = defaultdict(list)
     for m in MATCHERS:

@@ -185,7 +185,7 @@ def _sdpa_site(pattern, ctx, anchor, output, q, k, v, mask, dropout, is_causal, 
         q=q,
         k=k_base,
         v=v_base,
-        scale=op_scale * prescale_under_layout(q, ctx.gm) * prescale_under_layout(k_base, ctx.gm),
+        scale=op_scale * _prescale(q, ctx) * _prescale(k_base, ctx),
         op_scale=op_scale,
         num_heads=qs[1],
         num_kv_heads=ks[1],
@@ -224,6 +224,10 @@ class _Scores:
     chain: set
     softcap: bool = False
     bias_terms: list = field(default_factory=list)
+    #: ``(batch, heads)`` when the scores were regrouped between ``(B*H, N, M)`` and
+    #: ``(B, H, N, M)`` on the way to the softmax (Bloom, Falcon, DeBERTa); it names the head
+    #: count of a ``(B*H, N, D)`` q directly.
+    regroup: tuple[int, int] | None = None
 
 
 _QK_KINDS = ("matmul", "einsum", "baddbmm")
@@ -249,6 +253,51 @@ def _const_scalar(x: Any, ctx: GraphContext) -> float | None:
     return None
 
 
+def _value_of(ctx: GraphContext) -> Callable[[Any], float | None]:
+    """Constant resolution for the walks, including scales computed in the graph from constants."""
+    return lambda x: _const_scalar(x, ctx)
+
+
+def _prescale(x: Any, ctx: GraphContext) -> float:
+    return prescale_under_layout(x, ctx.gm, value_of=_value_of(ctx))
+
+
+def _lead_regroup(src: Any, dst: Any) -> tuple[int, int] | tuple[()] | None:
+    """How a reshape from ``src`` to ``dst`` regroups the leading (batch, heads) dims.
+
+    ``()`` for a same-shape view, ``(B, H)`` for ``(B*H, N, M) <-> (B, H, N, M)``, ``None`` when
+    the reshape touches the last two dims (then it is not a layout-only step of attention).
+    """
+    s, d = node_shape(src), node_shape(dst)
+    if s is None or d is None or s[-2:] != d[-2:]:
+        return None
+    if s == d:
+        return ()
+    four, three = (s, d) if len(s) == 4 else (d, s)
+    if len(four) == 4 and len(three) == 3 and four[0] * four[1] == three[0]:
+        return four[0], four[1]
+    return None
+
+
+def _baddbmm_scores(op: Op, ctx: GraphContext, scale: float, terms: list[MaskTerm]) -> float | None:
+    """``bias·beta + alpha·(a @ b)`` (ALiBi in Bloom): record the bias as a term, return the new scale."""
+    beta = _const_scalar(op.kwargs.get("beta", 1.0), ctx)
+    alpha = _const_scalar(op.kwargs.get("alpha", 1.0), ctx)
+    if beta is None or alpha is None:
+        return None
+    bias = _arg(op, 0, "input")
+    if isinstance(bias, fx.Node) and beta != 0:
+        terms.append(MaskTerm(bias, "add", scale * beta))
+    return scale * alpha
+
+
+def _qk_operands(op: Op) -> tuple[Any, Any]:
+    """The two factors of the score product (``batch1``/``batch2`` of a baddbmm, positional or keyword)."""
+    if op.kind == "baddbmm":
+        return _arg(op, 1, "batch1"), _arg(op, 2, "batch2")
+    return op.args[0], op.args[1]
+
+
 def _reaches_qk(x: Any, ctx: GraphContext, depth: int = 12) -> bool:
     while isinstance(x, fx.Node) and depth > 0:
         depth -= 1
@@ -257,7 +306,7 @@ def _reaches_qk(x: Any, ctx: GraphContext, depth: int = 12) -> bool:
             return False
         if op.kind in _QK_KINDS:
             return True
-        if op.kind in ("mul", "div", "add", "masked_fill", "tanh"):
+        if op.kind in ("mul", "div", "add", "masked_fill", "tanh", "reshape"):
             x = op.input
         elif op.kind == "where":
             return _reaches_qk(op.args[1], ctx, depth) or _reaches_qk(op.args[2], ctx, depth)
@@ -268,7 +317,7 @@ def _reaches_qk(x: Any, ctx: GraphContext, depth: int = 12) -> bool:
 
 def _walk_scores(x: Any, ctx: GraphContext) -> _Scores | None:
     """Walk up from the softmax input to the Q·Kᵀ product, collecting scale and masks."""
-    scale, terms, chain, softcap = 1.0, [], set(), False
+    scale, terms, chain, softcap, regroup = 1.0, [], set(), False, None
     for _ in range(32):
         x0 = x
         x = strip_identity(x, ctx.gm)
@@ -279,13 +328,16 @@ def _walk_scores(x: Any, ctx: GraphContext) -> _Scores | None:
         chain.add(x)
         kind = op.kind
         if kind in _QK_KINDS:
-            if kind == "baddbmm":
-                beta = float(op.kwargs.get("beta", 1.0))
-                alpha = float(op.kwargs.get("alpha", 1.0))
-                if isinstance(op.args[0], fx.Node):
-                    terms.append(MaskTerm(op.args[0], "add", scale * beta))
-                scale *= alpha
-            return _Scores(x, scale, terms, chain, softcap)
+            if kind == "baddbmm" and (scale := _baddbmm_scores(op, ctx, scale, terms)) is None:
+                return None
+            return _Scores(x, scale, terms, chain, softcap, regroup=regroup)
+        if kind == "reshape":
+            split = _lead_regroup(op.input, x)
+            if split is None:
+                return None
+            regroup = split or regroup
+            x = op.input
+            continue
         if kind in ("mul", "div"):
             a, b = op.args[0], op.args[1]
             c = _const_scalar(b, ctx)
@@ -352,7 +404,9 @@ def _walk_probs(p: fx.Node, ctx: GraphContext) -> tuple[fx.Node, set, float, boo
             if op is None:
                 external = True
                 continue
-            if op.kind == "identity" or op.kind == "dropout":
+            if op.kind in ("identity", "dropout") or (
+                op.kind == "reshape" and _lead_regroup(cur, u) is not None
+            ):
                 if nxt is None:
                     nxt = u
                     if op.kind == "dropout":
@@ -418,16 +472,18 @@ def match_eager_softmax(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch |
 
 
 def _matmul_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: Op) -> SiteMatch | None:
-    a = qk_op.args[1] if qk_op.kind == "baddbmm" else qk_op.args[0]
-    b = qk_op.args[2] if qk_op.kind == "baddbmm" else qk_op.args[1]
+    a, b = _qk_operands(qk_op)
     v = pv_op.args[1]
     if ctx.is_constant(a) or ctx.is_constant(b) or ctx.is_constant(v):
         return _skip(anchor, "Q·Kᵀ or P·V multiplies a weight, not two activations")
-    q, q_scale = fold_scalar_scale(a, ctx.gm)
+    value_of = _value_of(ctx)
+    q, q_scale = fold_scalar_scale(a, ctx.gm, value_of)
+    # A scale may sit on either side of Kᵀ (DeBERTa divides the transposed key).
+    b, kt_scale = fold_scalar_scale(b, ctx.gm, value_of)
     k_t, k_is_t = strip_transpose_last2(b, ctx.gm)
-    k_pre, k_scale = fold_scalar_scale(k_t, ctx.gm) if k_is_t else (k_t, 1.0)
-    scale = scores.scale * q_scale * k_scale
-    hidden = prescale_under_layout(q, ctx.gm) * (prescale_under_layout(k_pre, ctx.gm) if k_is_t else 1.0)
+    k_pre, k_scale = fold_scalar_scale(k_t, ctx.gm, value_of) if k_is_t else (k_t, 1.0)
+    scale = scores.scale * q_scale * kt_scale * k_scale
+    hidden = _prescale(q, ctx) * (_prescale(k_pre, ctx) if k_is_t else 1.0)
     qs, vs = node_shape(q), node_shape(v)
     if qs is None or vs is None or len(qs) not in (3, 4):
         return _skip(anchor, "Q·Kᵀ operands are not 3-D or 4-D")
@@ -458,7 +514,7 @@ def _matmul_match(ctx, anchor, scores: _Scores, qk_op: Op, pv: fx.Node, pv_op: O
         )
     # (B*H, N, D): recover the head count from how q was laid out.
     bh, nq, d = qs
-    heads = _heads_from_layout(q, d, ctx) or 1
+    heads = scores.regroup[1] if scores.regroup else (_heads_from_layout(q, d, ctx) or 1)
     batch = bh // heads if bh % heads == 0 else bh
     heads = heads if bh % heads == 0 else 1
     ks = node_shape(k_pre)
@@ -492,10 +548,14 @@ def _heads_from_layout(x: Any, d: int, ctx: GraphContext) -> int | None:
     """Find ``H`` for a ``(B*H, N, D)`` tensor: the reshape that split ``H*D`` into heads."""
     cur = x
     for _ in range(12):
-        op = canon(strip_identity(cur, ctx.gm), ctx.gm)
+        cur = strip_identity(cur, ctx.gm)
+        op = canon(cur, ctx.gm)
         if op is None or op.kind not in ("reshape", "transpose", "permute", "mul", "div"):
             break
         if op.kind == "reshape":
+            split = _lead_regroup(op.input, cur)
+            if split:  # (B, H, N, D) -> (B*H, N, D): H is the split's second dim
+                return split[1]
             s = node_shape(op.input)
             if s and s[-1] % d == 0 and s[-1] > d:
                 return s[-1] // d

@@ -6,6 +6,7 @@ capture method. Walks never mutate the graph; they return nodes and facts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,8 +90,16 @@ def strip_transpose_last2(node: Any, gm: fx.GraphModule | None = None) -> tuple[
     return node, False
 
 
-def fold_scalar_scale(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any, float]:
-    """Walk up through ``x * c`` and ``x / c`` with scalar ``c``; return the base and the product."""
+#: Resolves an operand to a Python float when it is a constant (``scalar_value`` by default;
+#: matchers pass one that also evaluates scales computed in the graph, e.g. DeBERTa's
+#: ``sqrt(tensor(d) * 3)``), else ``None``.
+ValueOf = Callable[[Any], float | None]
+
+
+def fold_scalar_scale(
+    node: Any, gm: fx.GraphModule | None = None, value_of: ValueOf = scalar_value
+) -> tuple[Any, float]:
+    """Walk up through ``x * c`` and ``x / c`` with constant ``c``; return the base and the product."""
     scale = 1.0
     while True:
         node = strip_identity(node, gm)
@@ -98,9 +107,9 @@ def fold_scalar_scale(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any,
         if op is None or op.kind not in ("mul", "div"):
             return node, scale
         a, b = op.args[0], op.args[1] if len(op.args) > 1 else None
-        c = scalar_value(b)
+        c = value_of(b)
         if c is None and op.kind == "mul":
-            c, a = scalar_value(a), b
+            c, a = value_of(a), b
         if c is None or c == 0 or not isinstance(a, fx.Node):
             return node, scale
         scale = scale * c if op.kind == "mul" else scale / c
@@ -110,7 +119,9 @@ def fold_scalar_scale(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any,
 _LAYOUT_KINDS = ("identity", "transpose", "permute", "reshape", "t")
 
 
-def prescale_under_layout(node: Any, gm: fx.GraphModule | None = None, max_steps: int = 12) -> float:
+def prescale_under_layout(
+    node: Any, gm: fx.GraphModule | None = None, max_steps: int = 12, value_of: ValueOf = scalar_value
+) -> float:
     """Scalar factor applied to q (or k) *before* its view/transpose into heads.
 
     Whisper writes ``(q_proj(x) * d**-0.5).view(...).transpose(...)`` and then attention with
@@ -128,9 +139,9 @@ def prescale_under_layout(node: Any, gm: fx.GraphModule | None = None, max_steps
         if op.kind not in ("mul", "div"):
             return factor
         a, b = op.args[0], op.args[1] if len(op.args) > 1 else None
-        c = scalar_value(b)
+        c = value_of(b)
         if c is None and op.kind == "mul":
-            c, a = scalar_value(a), b
+            c, a = value_of(a), b
         if c is None or c == 0 or not isinstance(a, fx.Node):
             return factor
         factor = factor * c if op.kind == "mul" else factor / c

@@ -48,10 +48,28 @@ class Heads(nn.Module):
             s = torch.bmm(qb, kb.transpose(1, 2)) * self.hd**-0.5
             p = F.softmax(s.float(), dim=-1).to(qb.dtype)
             return self.o(torch.bmm(p, vb).view(b, self.h, n, self.hd).transpose(1, 2).reshape(b, n, -1))
+        elif f == "inplace_ops":
+            s = q @ k.transpose(-1, -2)
+            s /= math.sqrt(self.hd)
+            s.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        elif f in ("baddbmm_kwargs_regrouped", "computed_scale_on_kt"):
+            return self.o(self._bh(f, q, k, v).view(b, self.h, n, self.hd).transpose(1, 2).reshape(b, n, -1))
         else:
             raise AssertionError(f)
         p = F.dropout(s.softmax(dim=-1), p=0.1, training=self.training)
         return self.o((p @ v).transpose(1, 2).reshape(b, n, -1))
+
+    def _bh(self, f: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Bloom/DeBERTa-style ``(B*H, N, D)`` attention; the scores are viewed as (B, H, N, N) to softmax."""
+        b, h, n, d = q.shape
+        qb, kb, vb = (t.reshape(b * h, n, d) for t in (q, k, v))
+        if f == "baddbmm_kwargs_regrouped":
+            zero_bias = torch.zeros(b * h, 1, n, device=q.device)
+            s = zero_bias.baddbmm(batch1=qb, batch2=kb.transpose(1, 2), beta=1.0, alpha=d**-0.5)
+        else:
+            s = torch.bmm(qb, kb.transpose(-1, -2) / torch.sqrt(torch.tensor(float(d)) * 1))
+        p = s.view(b, h, n, n).softmax(dim=-1)
+        return torch.bmm(p.view(b * h, n, n), vb)
 
 
 FORMS = {
@@ -62,6 +80,9 @@ FORMS = {
     "k_given_transposed": (8**-0.5, "none"),
     "where_causal": (8**-0.5, "causal"),
     "upcast_softmax_bmm": (8**-0.5, "none"),
+    "inplace_ops": (8**-0.5, "causal"),
+    "baddbmm_kwargs_regrouped": (8**-0.5, "none"),
+    "computed_scale_on_kt": (8**-0.5, "none"),
 }
 
 

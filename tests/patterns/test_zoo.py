@@ -43,6 +43,8 @@ PROPERTIES = (
 
 POSITIVE = [z for z in ZOO if z.group != "negative"]
 NEGATIVE = [z for z in ZOO if z.group == "negative"]
+#: Families that scale q_proj's output before SDPA (the probe sees the remaining scale, 1.0).
+PRESCALED_Q = ("whisper", "opt")
 #: Causal LMs checked at a second sequence length after optimisation.
 VARLEN = ("llama-eager", "nanogpt")
 
@@ -215,11 +217,19 @@ def test_zoo_matches_model(entry: ZooModel) -> None:
         # A softmax record cannot see a bias (it reads the pattern of masked scores); SDPA can.
         if e["mask"] != "bias" or r["op"] == "sdpa":
             assert r["mask"] == e["mask"], f"{where}: probe saw mask {r['mask']!r}"
-        # Whisper multiplies q_proj's output by 1/sqrt(d) and calls SDPA with scale=1.0: the probe
-        # sees 1.0, the zoo (scale relative to the projection's output) 1/sqrt(d).
-        prescaled = entry.name.startswith("whisper")
+        # Whisper and OPT multiply q_proj's output by 1/sqrt(d) and call SDPA with scale=1.0: the
+        # probe sees 1.0, the zoo (scale relative to the projection's output) 1/sqrt(d).
+        prescaled = entry.name.startswith(PRESCALED_Q)
         if r["op"] == "sdpa" and e["mask"] != "bias" and not prescaled:
             assert math.isclose(r["scale"], e["scale"], rel_tol=1e-5), where
+
+
+#: Families of ``tests/zoo_broad.py`` in both implementations, and those transformers runs eager only.
+BROAD_BOTH = (
+    "gpt-neox", "phi", "phi3", "gptj", "codegen", "opt", "electra", "stablelm", "starcoder2", "gemma",
+    "gpt-bigcode", "falcon", "falcon-alibi", "qwen3-padded", "bart", "albert",
+)  # fmt: skip
+BROAD_EAGER_ONLY = ("bloom", "deberta-v2", "gpt-neo", "mpt", "gemma2")
 
 
 def test_zoo_is_complete() -> None:
@@ -238,8 +248,12 @@ def test_zoo_is_complete() -> None:
         "t5",
         "whisper",
         "clip",
+        *BROAD_BOTH,
     ):
         assert f"{arch}-eager" in names and f"{arch}-sdpa" in names, arch
+    for arch in BROAD_EAGER_ONLY:
+        assert f"{arch}-eager" in names, arch
+    assert "gqa-repeat-kv-sdpa" in names
     assert len(NEGATIVE) == 3
     assert all(not z.expected for z in NEGATIVE)
 
