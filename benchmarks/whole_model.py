@@ -33,7 +33,6 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -226,8 +225,8 @@ def _cpu_name() -> str:
 
 
 def _versions() -> dict[str, str]:
-    import triton
     import transformers
+    import triton
 
     return {
         "python": platform.python_version(),
