@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="optimise codelm (or a small built-in model) and show the measured result"
     )
     d.add_argument("--budget", default="2x")
-    d.add_argument("--seq", type=int, default=1024)
+    d.add_argument("--seq", type=int, default=2048)
     d.add_argument("--calib-batches", type=int, default=4)
     pl = sub.add_parser("plan", help="plan a model and write the plan folder")
     pl.add_argument("model", help="package.module:factory or a local Hugging Face model folder")

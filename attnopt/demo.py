@@ -116,11 +116,12 @@ def _time_forward(model, calls, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def run_demo(budget: str = "2x", seq: int = 1024, n_calib: int = 4, quiet: bool = False) -> DemoResult:
+def run_demo(budget: str = "2x", seq: int = 2048, n_calib: int = 4, quiet: bool = False) -> DemoResult:
     """Plan and apply ``budget`` to codelm (or the fallback model); measure speed and bits/byte."""
     import copy
 
     import attnopt
+    from attnopt.rewriter.install import describe_installation
 
     say = (lambda *a: None) if quiet else print
     model = load_codelm()
@@ -134,10 +135,15 @@ def run_demo(budget: str = "2x", seq: int = 1024, n_calib: int = 4, quiet: bool 
     for s in sites:
         say(f"  {s}")
     attnopt.optimize(model, budget=budget, calib=calib, progress=not quiet)
-    plan = model._attnopt_plan
+    plan = attnopt.installed_plan(model)
     say(f"\nplan for budget {budget!r}:\n{plan.summary()}")
     for step in getattr(plan, "steps", []):
         say(f"  {step}")
+    say(f"\nplan: {plan.headline()}")
+    say(f"installed: {describe_installation(model)}")
+    if all(e.family == "exact" for e in plan.entries):
+        why = plan.explanation or "no candidate was faster than exact attention within the tolerance"
+        say(f"nothing was rewritten: every site stays exact ({why})")
     exact_ms, opt_ms = _time_forward(original, heldout), _time_forward(model, heldout)
     exact_bpb, opt_bpb = bits_per_byte(original, heldout), bits_per_byte(model, heldout)
     say(f"\nmeasured on {len(heldout)} held-out sequence(s) of {seq} bytes, this machine:")

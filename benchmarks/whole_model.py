@@ -39,8 +39,7 @@ import torch
 
 import attnopt
 from attnopt.demo import bits_per_byte, codelm_calls, find_codelm, load_codelm
-from attnopt.rewriter.hf_route import routed_sites
-from attnopt.rewriter.install import installed_backends
+from attnopt.rewriter.install import describe_installation
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -100,11 +99,10 @@ def _describe(model: torch.nn.Module) -> dict[str, Any]:
     plan = attnopt.installed_plan(model)
     if plan is None:
         return {}
-    how = "registry route" if routed_sites(model) else ("graph rewrite" if installed_backends(model) else "nothing installed")
     return {
         "plan": plan.headline(),
         "families": {e.site: e.family for e in plan.entries},
-        "installed": how,
+        "installed": describe_installation(model),
         "plan_seconds": round(sum(v for k, v in plan.timings.items() if k in _PLAN_STEPS), 1),
         "predicted_attention_speedup": round(float(plan.totals.get("speedup", 1.0)), 3),
         "metric": plan.budget.metric,

@@ -19,11 +19,18 @@ import torch
 
 from attnopt.rewriter.backend import ChoiceFn, RewriteBackend
 from attnopt.rewriter.export_mode import planned_sdpa
-from attnopt.rewriter.hf_route import unroute
+from attnopt.rewriter.hf_route import routed_sites, unroute
 from attnopt.rewriter.rewrite import Choice
 from attnopt.rewriter.verify import SiteCoverage
 
-__all__ = ["install", "uninstall", "uninstall_all", "installed_backend", "installed_backends"]
+__all__ = [
+    "install",
+    "uninstall",
+    "uninstall_all",
+    "installed_backend",
+    "installed_backends",
+    "describe_installation",
+]
 
 _ATTR = "_attnopt_backend"
 
@@ -110,3 +117,20 @@ def uninstall_all(model: torch.nn.Module) -> torch.nn.Module:
     for _, m in model.named_modules():
         uninstall(m)
     return model
+
+
+def describe_installation(model: torch.nn.Module) -> str:
+    """How the plan installed on ``model`` runs, in words (for the demo, reports and benchmarks).
+
+    One of: routed through transformers' AttentionInterface (the model's own forward runs), a
+    dynamo-captured graph rewrite (the forward is replaced), or nothing installed (every site
+    exact: the model runs as given).
+    """
+    routed = routed_sites(model)
+    if routed:
+        variants = sum(f not in ("exact", "head_pruned") for f in routed.values())
+        return f"routed through transformers' AttentionInterface ({variants} of {len(routed)} site(s) on attnopt operators)"
+    backends = installed_backends(model)
+    if backends:
+        return f"graph rewrite of {len(backends)} captured forward(s)"
+    return "nothing installed: every site runs the model's own attention"
