@@ -171,17 +171,17 @@ def optimize(
     _validate_exclude(exclude)
     parse_budget(budget)  # a malformed budget fails now, not at the first call
     calls = options.pop("calib_calls", None)
+    from attnopt.pipeline import run_optimize
+    from attnopt.rewriter.install import uninstall_all
+
     if calib is None:
         from attnopt.deferred import DEFAULT_CALLS, defer_optimize
-        from attnopt.rewriter.install import uninstall_all
 
         uninstall_all(model)
         return defer_optimize(
-            model, budget, calls=DEFAULT_CALLS if calls is None else calls, families=families, exclude=exclude,
-            **options,
+            model, budget, run_optimize, uninstall_all, calls=DEFAULT_CALLS if calls is None else calls,
+            families=families, exclude=exclude, **options,
         )
-    from attnopt.pipeline import run_optimize
-
     return run_optimize(model, budget, calib, families=families, exclude=exclude, **options)
 
 

@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,9 +44,15 @@ def is_planning_pending(model: torch.nn.Module) -> bool:
     return _ATTR in model.__dict__
 
 
+#: ``optimize(model, budget, calls, **options)``: plans on the recorded calls and installs the plan.
+Optimize = Callable[..., torch.nn.Module]
+
+
 def defer_optimize(
     model: torch.nn.Module,
     budget: Any,
+    optimize: Optimize,
+    undo: Callable[[torch.nn.Module], Any],
     *,
     calls: int = DEFAULT_CALLS,
     families: Sequence[str] | None = None,
@@ -58,11 +64,14 @@ def defer_optimize(
     Args:
         model: modified in place (its instance ``forward`` records calls until planning).
         budget, families, exclude, options: as for :func:`attnopt.optimize`.
+        optimize: runs the pipeline on the recorded calls (``attnopt.pipeline.run_optimize``;
+            passed in, so this module stays below the pipeline it defers).
+        undo: removes whatever a failed ``optimize`` left installed (``uninstall_all``).
         calls: how many (prefill) calls to record before planning.
     """
     if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
         raise TypeError(f"Expected calib_calls to be an int >= 1, but got calib_calls={calls!r}.")
-    state = _Recorder(model, budget, calls, dict(families=families, exclude=exclude, **options))
+    state = _Recorder(model, budget, calls, dict(families=families, exclude=exclude, **options), optimize, undo)
     model.__dict__.pop("forward", None)
     model.__dict__[_ATTR] = state
     model.forward = state.forward
@@ -72,7 +81,10 @@ def defer_optimize(
 class _Recorder:
     """The instance ``forward`` of a model waiting for its first calls."""
 
-    def __init__(self, model: torch.nn.Module, budget: Any, n: int, kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, budget: Any, n: int, kwargs: dict[str, Any], optimize: Optimize, undo
+    ) -> None:
+        self.optimize, self.undo = optimize, undo
         self.model = model
         self.budget = budget
         self.n = n
@@ -101,9 +113,6 @@ class _Recorder:
         return tuple(detach(a) for a in args), {k: detach(v) for k, v in kept.items()}
 
     def _plan(self) -> None:
-        from attnopt.pipeline import run_optimize
-        from attnopt.rewriter.install import uninstall_all
-
         model = self.model
         model.__dict__.pop(_ATTR, None)
         model.__dict__.pop("forward", None)  # planning calls the model's own forward
@@ -113,9 +122,9 @@ class _Recorder:
                   file=sys.stderr)
         t = time.perf_counter()
         try:
-            run_optimize(model, self.budget, self.calls, **self.kwargs)
+            self.optimize(model, self.budget, self.calls, **self.kwargs)
         except Exception as e:  # noqa: BLE001 - a failed deferred plan must leave the model working
-            uninstall_all(model)
+            self.undo(model)
             model.__dict__.pop("_attnopt_plan", None)
             warnings.warn(
                 f"attnopt: planning {type(model).__name__} on its first {len(self.calls)} call(s) failed "
