@@ -321,8 +321,10 @@ def backend(
     for e in plan.entries:
         if e.family == "head_pruned":
             raise NotImplementedError(
-                f"plan entry {e.site} prunes heads, which changes weights; apply it with attnopt.apply(model, plan) "
-                "before torch.compile(model, backend='attnopt')."
+                f"plan entry {e.site} prunes heads, which changes weights, so a compile backend cannot run it; "
+                "compile the applied model instead: torch.compile(attnopt.apply(model, plan, example=call)) "
+                "(Hugging Face models then run the plan through transformers' AttentionInterface, which "
+                "torch.compile traces)."
             )
 
     def choose(site: AttentionSite):
