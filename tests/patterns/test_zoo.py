@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from tests.zoo import SEQ, ZOO, ZooModel, by_name, flatten_outputs
+from tests.zoo import SEQ, ZOO, ZooModel, by_name, flatten_outputs, version_skip
 
 #: Site properties compared between attnopt and the zoo.
 PROPERTIES = (
@@ -50,7 +50,11 @@ VARLEN = ("llama-eager", "nanogpt")
 
 
 def _ids(entries: list[ZooModel]) -> list[Any]:
-    return [pytest.param(z, id=z.name) for z in entries]
+    params = []
+    for z in entries:
+        why = version_skip(z)
+        params.append(pytest.param(z, id=z.name, marks=[pytest.mark.skip(reason=why)] if why else []))
+    return params
 
 
 def _api() -> Any:
