@@ -86,8 +86,14 @@ class SiteRoute:
             )
 
 
-def _transformers() -> Any | None:
-    """transformers' attention and mask registries, or None where they are missing."""
+_REGISTRIES: tuple[Any, ...] | None = None
+
+
+def _transformers() -> tuple[Any, ...] | None:
+    """transformers' attention and mask registries (looked up once), or None where they are missing."""
+    global _REGISTRIES
+    if _REGISTRIES is not None:
+        return _REGISTRIES
     if "transformers" not in sys.modules:
         return None  # a model built without transformers is not a transformers model
     try:
@@ -96,7 +102,8 @@ def _transformers() -> Any | None:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return None
-    return AttentionInterface, AttentionMaskInterface, sdpa_attention_forward, sdpa_mask
+    _REGISTRIES = (AttentionInterface, AttentionMaskInterface, sdpa_attention_forward, sdpa_mask)
+    return _REGISTRIES
 
 
 def _dispatches(module: torch.nn.Module) -> bool:
