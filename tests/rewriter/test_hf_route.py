@@ -163,3 +163,48 @@ def test_export_of_a_routed_model_rewrites_the_models_own_attention() -> None:
     program = attnopt.export(model, call)
     assert model.config._attn_implementation == ROUTE_NAME  # restored after exporting
     torch.testing.assert_close(program.module()(**call).logits, _logits(model, call), rtol=1e-4, atol=1e-4)
+
+
+def _bert(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=2 * SEQ,
+        attn_implementation=impl,
+    )
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def _padded_calls(n: int, seed: int = 0) -> list[dict]:
+    """Encoder batches of two, the second left with its last quarter padded."""
+    g = torch.Generator().manual_seed(seed)
+    calls = []
+    for _ in range(n):
+        mask = torch.ones(2, SEQ, dtype=torch.long)
+        mask[1, 3 * SEQ // 4 :] = 0
+        calls.append({"input_ids": torch.randint(0, 64, (2, SEQ), generator=g), "attention_mask": mask})
+    return calls
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_routed_encoder_with_padding_computes_what_the_graph_rewrite_computes(impl: str) -> None:
+    from attnopt.cost_model.plan import PlanEntry
+    from attnopt.replacements.quantized import QuantizedConfig
+
+    model = _bert(impl)
+    run = run_plan(model, "1x", _padded_calls(1), progress=False)
+    uninstall_all(model)
+    # INT8 attention (no fitted tensors) on layer 1: the padding mask must reach the operator
+    run.plan.entries[1] = PlanEntry(site=run.sites[1].name, family="quantized", config=QuantizedConfig().to_json())
+    graph = copy.deepcopy(model)
+    install_plan(model, run.plan, run.sites)
+    install_plan(graph, run.plan, run.sites, prefer_route=False)
+    assert routed_sites(model) and installed_backends(graph)
+    for call in _padded_calls(2, seed=4):
+        with torch.no_grad():
+            got, want = model(**call).last_hidden_state, graph(**call).last_hidden_state
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
