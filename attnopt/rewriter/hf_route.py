@@ -49,6 +49,7 @@ ROUTE_NAME = "attnopt"
 
 _ATTR = "_attnopt_route"
 _ROOT_ATTR = "_attnopt_route_root"
+_HOOK_ATTR = "_attnopt_route_check"
 
 #: Keyword arguments of transformers' attention functions that change what attention computes
 #: beyond q, k, v, mask and scale; a call carrying one runs the exact function, which knows them.
@@ -213,30 +214,41 @@ def route(
         _ROUTED[id(config)] = (weakref.ref(config), _original(config))
         config._attn_implementation = ROUTE_NAME
     if coverage is not None:
-        _arm_first_call_check(model, coverage)
+        _arm_first_call_check(model)
     model.__dict__[_ROOT_ATTR] = list(configs.values())
     return True
 
 
-def _arm_first_call_check(model: torch.nn.Module, coverage: SiteCoverage) -> None:
-    """After the next forward of ``model``, raise if a routed site was not reached."""
+def _arm_first_call_check(model: torch.nn.Module) -> None:
+    """After the next forward of ``model``, raise if a routed site was not reached.
 
-    def check(_module: torch.nn.Module, _args: Any, _out: Any) -> None:
-        if any(c._attn_implementation != ROUTE_NAME for c in model.__dict__.get(_ROOT_ATTR, [])):
-            return  # the route was suspended for this call (attnopt.export): check the next one
+    The hook reads everything from the module it runs on (not from this closure), so a deep copy
+    of a routed model checks its own routes.
+    """
+    model.__dict__[_HOOK_ATTR] = model.register_forward_hook(_first_call_check)
+
+
+def _first_call_check(module: torch.nn.Module, _args: Any, _out: Any) -> None:
+    if any(c._attn_implementation != ROUTE_NAME for c in module.__dict__.get(_ROOT_ATTR, [])):
+        return  # the route was suspended for this call (attnopt.export): check the next one
+    handle = module.__dict__.pop(_HOOK_ATTR, None)
+    if handle is not None:
         handle.remove()
-        for _, m in model.named_modules():
-            r = m.__dict__.get(_ATTR)
-            if r is not None:
-                r.coverage = None
-        coverage.check(type(model).__name__)
-
-    handle = model.register_forward_hook(check)
+    coverage = None
+    for m in module.modules():
+        r = m.__dict__.get(_ATTR)
+        if r is not None and r.coverage is not None:
+            coverage, r.coverage = r.coverage, None
+    if coverage is not None:
+        coverage.check(type(module).__name__)
 
 
 def unroute(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`route` on ``model`` (no-op where nothing is routed)."""
     configs = model.__dict__.pop(_ROOT_ATTR, None) or []
+    hook = model.__dict__.pop(_HOOK_ATTR, None)
+    if hook is not None:
+        hook.remove()  # a first-call check still pending
     for _, m in model.named_modules():
         m.__dict__.pop(_ATTR, None)
     for config in configs:

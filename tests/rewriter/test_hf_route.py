@@ -208,3 +208,13 @@ def test_routed_encoder_with_padding_computes_what_the_graph_rewrite_computes(im
         with torch.no_grad():
             got, want = model(**call).last_hidden_state, graph(**call).last_hidden_state
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unrouting_before_the_first_call_leaves_no_pending_check() -> None:
+    model = _llama()
+    run = _variant_plan(model)
+    install_plan(model, run.plan, run.sites)
+    uninstall_all(model)  # before any call: the first-call check must go with the route
+    reference = copy.deepcopy(model)
+    call = _calls(1, seed=2)[0]
+    torch.testing.assert_close(_logits(model, call), _logits(reference, call))
