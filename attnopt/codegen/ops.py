@@ -25,13 +25,12 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from attnopt.patterns.masks import additive_to_allowed, classify_allowed
-from attnopt.replacements.exact import combined_allowed
+from attnopt.patterns.masks import additive_to_allowed, classify_allowed, combined_allowed, merge_allowed
 
 __all__ = [
     "FAMILY_OPS",
@@ -75,6 +74,22 @@ class AttentionCall:
         self.window: int | None = window
         self.config: dict[str, Any] = config
 
+    def family_config(self, config_type: type[_C]) -> _C:
+        """The family's frozen config this call runs (``config["config"]`` decoded as ``config_type``).
+
+        Decoded once per distinct config: the operator receives the same JSON every call, and a
+        kernel would otherwise rebuild a dataclass per call on the hot path.
+        """
+        raw = self.config["config"]
+        key = (config_type.__qualname__, json.dumps(raw, sort_keys=True))
+        cfg = _FAMILY_CONFIGS.get(key)
+        if cfg is None:
+            cfg = _FAMILY_CONFIGS[key] = config_type.from_json(raw)
+        return cfg
+
+
+_C = TypeVar("_C")
+_FAMILY_CONFIGS: dict[tuple[str, str], Any] = {}
 
 Kernel = Callable[[AttentionCall], torch.Tensor]
 
@@ -229,13 +244,7 @@ def exact_attention(call: AttentionCall) -> torch.Tensor:
         elif q_len > 1:
             structural = combined_allowed(q_len, kv_len, causal=True, window=None, device=q.device)
         # q_len == 1: a single query at the end of the sequence sees every key.
-    if structural is not None:
-        if mask is None:
-            mask = structural
-        elif mask.dtype == torch.bool:
-            mask = mask & structural
-        else:
-            mask = mask.masked_fill(~structural, float("-inf"))
+    mask = merge_allowed(mask, structural)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
     # GQA without copying K/V per query head (a 268 MB copy per site at 32 heads, N=32768, bf16),
@@ -253,12 +262,7 @@ def exact_attention(call: AttentionCall) -> torch.Tensor:
 
 def _top_left_causal(attn_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
     """SDPA's own ``is_causal`` is top-left aligned; express it as a mask when Nq != Nk."""
-    tril = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
-    if attn_mask is None:
-        return tril
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & tril
-    return attn_mask.masked_fill(~tril, float("-inf"))
+    return merge_allowed(attn_mask, torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril())
 
 
 def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> torch.Tensor:

@@ -19,9 +19,10 @@ import torch
 
 from attnopt.calibration.stats import SiteStats
 from attnopt.cost_model.latency import op_config
+from attnopt.patterns.masks import combined_allowed, merge_allowed
 from attnopt.patterns.site import AttentionSite
 from attnopt.replacements.base import Candidate
-from attnopt.replacements.exact import attention_reference, combined_allowed
+from attnopt.replacements.exact import attention_reference
 
 __all__ = ["clear_error_cache", "candidate_output", "measure_candidate_error", "annotate_errors"]
 
@@ -82,12 +83,7 @@ def candidate_output(
     mask = attn_mask
     if site.window:  # family.reference knows causal but not windows: hand the window over as a mask
         allowed = combined_allowed(q.shape[-2], k.shape[-2], causal=True, window=site.window, device=q.device)
-        if mask is None:
-            mask = allowed
-        elif mask.dtype == torch.bool:
-            mask = mask & allowed
-        else:
-            mask = mask.masked_fill(~allowed, float("-inf"))
+        mask = merge_allowed(mask, allowed)
     return get_family(family).reference(
         q, k, v, candidate, scale=site.scale, causal=site.causal, attn_mask=mask
     )

@@ -13,8 +13,8 @@ import math
 import torch
 
 from attnopt.calibration.stats import SiteStats
+from attnopt.patterns.masks import combined_allowed, repeat_kv_heads
 from attnopt.patterns.site import AttentionSite
-from attnopt.replacements.exact import combined_allowed, repeat_kv_heads
 
 __all__ = ["attention_statistics", "make_site", "make_stats", "structured_qkv"]
 

@@ -16,6 +16,9 @@ __all__ = [
     "additive_to_allowed",
     "causal_allowed",
     "classify_allowed",
+    "combined_allowed",
+    "merge_allowed",
+    "repeat_kv_heads",
     "window_allowed",
 ]
 
@@ -52,6 +55,48 @@ def window_allowed(q_len: int, kv_len: int, window: int, device: torch.device | 
     i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
     j = torch.arange(kv_len, device=device)[None, :]
     return (j <= i) & (j > i - window)
+
+
+def combined_allowed(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    window: int | None,
+    device: torch.device | str,
+) -> torch.Tensor | None:
+    """The structural (causal / window) part of a mask as a boolean tensor, or None."""
+    if window:
+        return window_allowed(q_len, kv_len, window, device)
+    if causal:
+        return causal_allowed(q_len, kv_len, device)
+    return None
+
+
+def merge_allowed(mask: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` restricted to the ``allowed`` pairs, in ``mask``'s own form.
+
+    A boolean mask (True = attend) is and-ed with ``allowed``; an additive float mask gets
+    ``-inf`` where ``allowed`` is False; no mask becomes ``allowed`` itself. The one place a
+    structural pattern (causal, window, block reachability) is folded into the model's mask.
+    """
+    if allowed is None:
+        return mask
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
+def repeat_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Expand ``(B, Hkv, N, D)`` keys/values to ``num_heads`` query heads (GQA groups)."""
+    hkv = x.shape[1]
+    if hkv == num_heads:
+        return x
+    if num_heads % hkv:
+        raise ValueError(f"Expected query heads divisible by key/value heads, but got {num_heads} and {hkv}.")
+    return x.repeat_interleave(num_heads // hkv, dim=1)
 
 
 def classify_allowed(allowed: torch.Tensor) -> tuple[str, int | None]:

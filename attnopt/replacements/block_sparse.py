@@ -40,6 +40,7 @@ from typing import ClassVar
 import sympy
 import torch
 
+from attnopt.patterns.masks import merge_allowed
 from attnopt.replacements.base import SYMBOLS, Candidate, CostFormula, Family, FamilyConfig, register_family
 from attnopt.replacements.block_layout import BlockLayout, ElementRule
 from attnopt.replacements.exact import attention_reference, dense_cost
@@ -276,14 +277,6 @@ def layout_for(q, k, config: BlockSparseConfig, *, scale: float, causal: bool, a
     return skip_layout(q, k, config, scale=scale, causal=causal, attn_mask=attn_mask)
 
 
-def _combine(allowed: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    if attn_mask is None:
-        return allowed
-    if attn_mask.dtype == torch.bool:
-        return allowed & attn_mask
-    return attn_mask.masked_fill(~allowed, float("-inf"))
-
-
 # -- the family ----------------------------------------------------------------------------
 
 
@@ -418,7 +411,7 @@ class BlockSparseFamily(Family):
                 n = k.shape[-2]
                 cfg = BlockSparseConfig(mode="skip", block=self.BLOCK, skip_log_threshold=thr, calib_len=n)
                 lay = skip_layout(q, k, cfg, scale=stats.scale, causal=site.causal, attn_mask=m)
-                got = attention_reference(q, k, v, _combine(lay.to_dense(), m), scale=stats.scale)
+                got = attention_reference(q, k, v, merge_allowed(m, lay.to_dense()), scale=stats.scale)
                 errs.append(_rel_err(got, ref))
                 dens.append(lay.density())
             results.append((thr, max(errs), sum(dens) / len(dens), n))
@@ -444,7 +437,7 @@ class BlockSparseFamily(Family):
                 "Expected a causal call for static sink+window mode, but got causal=False. Use 'dynamic'."
             )
         layout = layout_for(q, k, cfg, scale=scale, causal=causal, attn_mask=attn_mask)
-        return attention_reference(q, k, v, _combine(layout.to_dense().to(q.device), attn_mask), scale=scale)
+        return attention_reference(q, k, v, merge_allowed(attn_mask, layout.to_dense().to(q.device)), scale=scale)
 
     def cost(self, site, config: BlockSparseConfig, density: float | None = None) -> CostFormula:
         """Dense FLOPs/bytes scaled by the share of scores computed, as a formula of ``Nk`` (= ``Nq``)."""

@@ -11,35 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from attnopt.patterns.masks import causal_allowed, window_allowed
+from attnopt.patterns.masks import combined_allowed, repeat_kv_heads  # re-exported: part of this module's API
 
 __all__ = ["attention_reference", "repeat_kv_heads", "combined_allowed"]
-
-
-def repeat_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Expand ``(B, Hkv, N, D)`` keys/values to ``num_heads`` query heads (GQA groups)."""
-    hkv = x.shape[1]
-    if hkv == num_heads:
-        return x
-    if num_heads % hkv:
-        raise ValueError(f"Expected query heads divisible by key/value heads, but got {num_heads} and {hkv}.")
-    return x.repeat_interleave(num_heads // hkv, dim=1)
-
-
-def combined_allowed(
-    q_len: int,
-    kv_len: int,
-    *,
-    causal: bool,
-    window: int | None,
-    device: torch.device | str,
-) -> torch.Tensor | None:
-    """The structural (causal / window) part of a mask as a boolean tensor, or None."""
-    if window:
-        return window_allowed(q_len, kv_len, window, device)
-    if causal:
-        return causal_allowed(q_len, kv_len, device)
-    return None
 
 
 def attention_reference(

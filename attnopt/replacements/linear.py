@@ -27,9 +27,8 @@ from typing import ClassVar
 import sympy
 import torch
 
-from attnopt.patterns.masks import causal_allowed
+from attnopt.patterns.masks import causal_allowed, repeat_kv_heads
 from attnopt.replacements.base import SYMBOLS, Candidate, CostFormula, Family, FamilyConfig, register_family
-from attnopt.replacements.exact import repeat_kv_heads
 
 __all__ = [
     "LinearConfig",

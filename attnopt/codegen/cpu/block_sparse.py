@@ -32,7 +32,6 @@ with [222, 129, 125, 228].
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,9 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from attnopt.codegen.ops import AttentionCall, register_kernel
+from attnopt.patterns.masks import combined_allowed, merge_allowed
 from attnopt.replacements.block_layout import BlockLayout, ElementRule
 from attnopt.replacements.block_sparse import BlockSparseConfig, layout_for, static_windows
-from attnopt.replacements.exact import combined_allowed
 
 __all__ = ["band_attention", "layout_attention", "block_sparse_cpu", "DEFAULT_CHUNK"]
 
@@ -484,18 +483,6 @@ def _gather_blocks(x: torch.Tensor, rows: torch.Tensor, sel: torch.Tensor) -> to
 
 # -- the registered kernel -----------------------------------------------------------------
 
-_CONFIGS: dict[str, BlockSparseConfig] = {}
-
-
-def _config(call: AttentionCall) -> BlockSparseConfig:
-    raw = call.config["config"]
-    key = json.dumps(raw, sort_keys=True)
-    cfg = _CONFIGS.get(key)
-    if cfg is None:
-        cfg = _CONFIGS[key] = BlockSparseConfig.from_json(raw)
-    return cfg
-
-
 def _static(call: AttentionCall, cfg: BlockSparseConfig) -> torch.Tensor:
     if not call.causal:
         raise ValueError(
@@ -512,17 +499,13 @@ def _static(call: AttentionCall, cfg: BlockSparseConfig) -> torch.Tensor:
 @register_kernel("block_sparse", "cpu")
 def block_sparse_cpu(call: AttentionCall) -> torch.Tensor:
     """CPU kernel of ``attnopt::block_sparse``: the band path for static mode, the layout path otherwise."""
-    cfg = _config(call)
+    cfg = call.family_config(BlockSparseConfig)
     if cfg.mode == "static":
         return _static(call, cfg)
     q, k = call.q, call.k
     mask = call.attn_mask
     if call.window:  # the site's own sliding window rides along as an extra mask
         win = combined_allowed(q.shape[-2], k.shape[-2], causal=True, window=call.window, device=q.device)
-        mask = (
-            win
-            if mask is None
-            else (mask & win if mask.dtype == torch.bool else mask.masked_fill(~win, _NEG_INF))
-        )
+        mask = merge_allowed(mask, win)
     layout = layout_for(q, k, cfg, scale=call.scale, causal=call.causal, attn_mask=mask)
     return layout_attention(q, k, call.v, layout, scale=call.scale, attn_mask=mask)

@@ -21,22 +21,14 @@ reference, which is correct but slow (the planner never offers linear for such s
 
 from __future__ import annotations
 
-import functools
-import json
-
 import torch
 import torch.nn.functional as F
 
 from attnopt.codegen.ops import AttentionCall, register_kernel
-from attnopt.patterns.masks import additive_to_allowed, causal_allowed, window_allowed
+from attnopt.patterns.masks import additive_to_allowed, causal_allowed, merge_allowed, window_allowed
 from attnopt.replacements.linear import LinearConfig, hedgehog_features, linear_reference
 
 __all__ = ["linear_attention_cpu", "linear_kernel"]
-
-
-@functools.lru_cache(maxsize=256)
-def _config(config_json: str) -> LinearConfig:
-    return LinearConfig.from_json(json.loads(config_json))
 
 
 def _key_padding(mask: torch.Tensor, nq: int, nk: int, causal: bool) -> tuple[torch.Tensor, bool] | None:
@@ -216,15 +208,11 @@ def linear_attention_cpu(
 @register_kernel("linear", "cpu")
 def linear_kernel(call: AttentionCall) -> torch.Tensor:
     """``attnopt::linear`` on CPU tensors (see the module docstring)."""
-    cfg = _config(json.dumps(call.config["config"], sort_keys=True))
+    cfg = call.family_config(LinearConfig)
     mask, causal = call.attn_mask, call.causal
     if call.window:  # a site window the planner should not have sent here: stay correct, slowly
         win = window_allowed(call.q.shape[-2], call.k.shape[-2], call.window)
-        mask = (
-            win
-            if mask is None
-            else (mask & win if mask.dtype == torch.bool else mask.masked_fill(~win, float("-inf")))
-        )
+        mask = merge_allowed(mask, win)
         causal = True
         out = linear_reference(
             call.q, call.k, call.v, call.params, cfg, scale=call.scale, causal=causal, attn_mask=mask

@@ -15,8 +15,6 @@ run plans and measure error faithfully, not to win on CPU.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from attnopt.codegen.ops import AttentionCall, register_kernel
@@ -35,13 +33,6 @@ _TILE_ELEMENTS = 1 << 21
 
 #: Largest head dim for which fp32 accumulation of int8 products is exact (D * 127**2 < 2**24).
 _EXACT_INT8_FP32_MAX_D = (1 << 24) // (127 * 127)
-
-
-@functools.lru_cache(maxsize=256)
-def _config(config_json: str) -> QuantizedConfig:
-    import json
-
-    return QuantizedConfig.from_json(json.loads(config_json))
 
 
 def _matmul_dtype(cfg: QuantizedConfig, head_dim: int) -> torch.dtype:
@@ -150,9 +141,8 @@ def quantized_attention_cpu(
 @register_kernel("quantized", "cpu")
 def quantized_kernel(call: AttentionCall) -> torch.Tensor:
     """``attnopt::quantized`` on CPU tensors (see the module docstring)."""
-    import json
 
-    cfg = _config(json.dumps(call.config["config"], sort_keys=True))
+    cfg = call.family_config(QuantizedConfig)
     out = quantized_attention_cpu(
         call.q,
         call.k,

@@ -18,7 +18,6 @@ when no row can be left without keys.
 from __future__ import annotations
 
 import functools
-import json
 
 import torch
 
@@ -32,8 +31,7 @@ _TILE_ELEMENTS = 1 << 20
 
 
 @functools.lru_cache(maxsize=256)
-def _groups_for(config_json: str) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    cfg = SharedConfig.from_json(json.loads(config_json))
+def _groups_for(cfg: SharedConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     return size_groups(cfg.clusters, cfg.representatives)
 
 
@@ -174,7 +172,7 @@ def _mask_band_edges(
 @register_kernel("shared", "cpu")
 def shared_attention_cpu(call: AttentionCall) -> torch.Tensor:
     """The ``attnopt::shared`` CPU kernel: clusters from the op's config (cached per config)."""
-    groups = _groups_for(json.dumps(call.config["config"], sort_keys=True))
+    groups = _groups_for(call.family_config(SharedConfig))
     heads = call.q.shape[1]
     covered = sum(int(members.numel()) for _, members in groups)
     if covered != heads or (call.params and call.params[0].numel() != heads):

@@ -21,7 +21,6 @@ Nothing here touches CUDA at import time: importing works on a CPU-only machine,
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,7 +36,6 @@ __all__ = [
     "Dims",
     "attn_tile",
     "autotune_configs",
-    "cached_config",
     "cdiv",
     "default_scale",
     "dense_tile_bounds",
@@ -347,17 +345,6 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 _LOG = logging.getLogger("attnopt.codegen.triton")
 
 
-def cached_config(config_type: type, call_config: dict) -> object:
-    """The family config of an op call, rebuilt once per distinct JSON (the op passes the same dict)."""
-    key = (config_type.__qualname__, json.dumps(call_config.get("config", {}), sort_keys=True))
-    cfg = _CONFIGS_SEEN.get(key)
-    if cfg is None:
-        cfg = config_type.from_json(call_config["config"])
-        _CONFIGS_SEEN[key] = cfg
-    return cfg
-
-
-_CONFIGS_SEEN: dict[tuple[str, str], object] = {}
 
 
 def portable_fallback(family: str, call, reason: str) -> torch.Tensor:  # noqa: ANN001

@@ -32,7 +32,6 @@ from attnopt.codegen.triton._common import (
     QK_FORMATS,
     attn_tile,
     autotune_configs,
-    cached_config,
     cdiv,
     default_scale,
     finish_rows,
@@ -429,7 +428,7 @@ def block_sparse_kernel(call: AttentionCall) -> torch.Tensor:
 
     if call.attn_mask is not None:
         return portable_fallback("block_sparse", call, "a model mask tensor")
-    cfg = cached_config(BlockSparseConfig, call.config)
+    cfg = call.family_config(BlockSparseConfig)
     q, k = call.q, call.k
     key = (cfg.key(), q.shape[1], q.shape[2], k.shape[2], call.window, call.causal, q.device)
     layout = _STATIC_LAYOUTS.get(key) if cfg.mode == "static" else None

@@ -35,7 +35,6 @@ from attnopt.codegen.triton._common import (
     LOG2E,
     attn_tile,
     autotune_configs,
-    cached_config,
     cdiv,
     default_scale,
     head_block,
@@ -267,8 +266,7 @@ def linear_attention_reference(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """The module docstring's definition as dense float32 PyTorch (O(N²) memory; for tests and checks)."""
-    from attnopt.patterns.masks import causal_allowed
-    from attnopt.replacements.exact import repeat_kv_heads
+    from attnopt.patterns.masks import causal_allowed, repeat_kv_heads
 
     hq, nq, nk = phi_q.shape[1], phi_q.shape[2], phi_k.shape[2]
     pk = repeat_kv_heads(phi_k.float(), hq)
@@ -306,7 +304,7 @@ def linear_kernel(call: AttentionCall) -> torch.Tensor:
         return portable_fallback("linear", call, "a model mask tensor")
     if call.window:
         return portable_fallback("linear", call, "a sliding-window site")
-    cfg = cached_config(LinearConfig, call.config)
+    cfg = call.family_config(LinearConfig)
     if cfg.window and not call.causal:
         raise ValueError(
             f"Expected a causal call for the hybrid window={cfg.window}, but got causal=False. "

@@ -30,7 +30,6 @@ from attnopt.codegen.triton._common import (
     QK_FORMATS,
     attn_tile,
     autotune_configs,
-    cached_config,
     cdiv,
     default_scale,
     dense_tile_bounds,
@@ -390,7 +389,7 @@ def quantized_kernel(call: AttentionCall) -> torch.Tensor:
     """
     from attnopt.replacements.quantized import QuantizedConfig
 
-    cfg = cached_config(QuantizedConfig, call.config)
+    cfg = call.family_config(QuantizedConfig)
     reason = _unsupported(cfg, call)
     if reason is not None:
         return portable_fallback("quantized", call, reason)

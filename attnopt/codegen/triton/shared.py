@@ -23,7 +23,6 @@ from attnopt.codegen.triton import source
 from attnopt.codegen.triton._common import (
     LOG2E,
     autotune_configs,
-    cached_config,
     cdiv,
     default_scale,
     dense_tile_bounds,
@@ -267,7 +266,7 @@ def shared_kernel(call: AttentionCall) -> torch.Tensor:
     else:
         from attnopt.replacements.shared import SharedConfig, shared_params
 
-        cfg = cached_config(SharedConfig, call.config)
+        cfg = call.family_config(SharedConfig)
         key = (cfg.key(), call.q.shape[1])
         if key not in _CONFIG_PARAMS:  # keep one tensor pair per config, so member_table's cache hits
             _CONFIG_PARAMS[key] = tuple(shared_params(cfg, call.q.shape[1]))
