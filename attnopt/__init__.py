@@ -8,6 +8,7 @@
 """
 
 from attnopt import codegen as _codegen  # noqa: F401  (registers the attnopt::* operators)
+from attnopt._version import __version__
 from attnopt.api import apply, backend, find_sites, installed_plan, load_plan, optimize, plan
 from attnopt.cost_model.budget import Budget, parse_budget
 from attnopt.patterns.site import AttentionSite
@@ -15,8 +16,6 @@ from attnopt.rewriter.capture import CaptureError
 from attnopt.rewriter.export import ExportCheckError, export, export_mlir
 from attnopt.rewriter.rewrite import RewriteError
 from attnopt.rewriter.verify import PlanMismatchError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttentionSite",

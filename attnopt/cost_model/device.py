@@ -10,12 +10,12 @@ plus a per-family fixed cost, and a launch overhead. Two kinds exist:
 * *measured* profiles from :func:`attnopt.cost_model.profiling.profile_device`, cached as JSON
   keyed by device name, torch/triton/attnopt versions and a hash of the kernel sources (a new torch or a changed kernel changes kernel speeds).
 
-:func:`get_profile` is the one entry the planner uses.
+:func:`attnopt.cost_model.profiling.get_profile` (``attnopt.cost_model.get_profile``) is the one
+entry the planner uses; it lives beside the measurement, so this record never imports it.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import hashlib
@@ -32,7 +32,6 @@ __all__ = [
     "DeviceProfile",
     "SEED_PROFILES",
     "cache_dir",
-    "get_profile",
     "local_device_name",
     "load_cached_profile",
     "save_profile",
@@ -193,7 +192,7 @@ SEED_PROFILES: dict[str, DeviceProfile] = {
 
 def versions() -> dict[str, str]:
     """torch/triton/attnopt versions, the part of a profile's cache key that is not the device."""
-    import attnopt
+    from attnopt._version import __version__
 
     try:
         import triton
@@ -201,7 +200,7 @@ def versions() -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:  # pragma: no cover - triton is a dependency
         triton_version = "none"
-    return {"torch": torch.__version__, "triton": triton_version, "attnopt": attnopt.__version__}
+    return {"torch": torch.__version__, "triton": triton_version, "attnopt": __version__}
 
 
 def local_device_name(device: torch.device | str | None = None) -> str:
@@ -291,40 +290,3 @@ def _target_matches_local(target: str) -> bool:
     if target == "cuda":
         return torch.cuda.is_available()
     return torch.cuda.is_available() and target.lower() in torch.cuda.get_device_name().lower()
-
-
-def get_profile(
-    target: str | DeviceProfile | None = None, *, cache: str | os.PathLike | None = None
-) -> DeviceProfile:
-    """The profile to plan with.
-
-    Args:
-        target: ``None``/``"local"`` (the device this process runs on: cached measurement or a
-            fresh one), ``"cpu"``/``"cuda"`` (that local device), a seed name in
-            :data:`SEED_PROFILES` (a measured profile when this machine is that device, else the
-            seed), or a :class:`DeviceProfile` (returned as is).
-        cache: cache directory override (see :func:`cache_dir`).
-
-    Raises:
-        ValueError: for an unknown target name.
-    """
-    if isinstance(target, DeviceProfile):
-        return target
-    from attnopt.cost_model.profiling import profile_device
-
-    if target is None or target in ("local", "cpu", "cuda"):
-        device = None if target in (None, "local") else target
-        return profile_device(device, cache_dir=cache)
-    if not isinstance(target, str):
-        raise TypeError(
-            f"Expected a target name or DeviceProfile, but got {type(target).__name__}: {target!r}."
-        )
-    key = target.lower()
-    if key not in SEED_PROFILES:
-        raise ValueError(
-            f"Expected a target in {['local', 'cpu', 'cuda', *SEED_PROFILES]} or a DeviceProfile, but got "
-            f"target={target!r}. Measure an unlisted device with profile_device() on it."
-        )
-    if _target_matches_local(key):
-        return profile_device("cuda", cache_dir=cache)
-    return copy.deepcopy(SEED_PROFILES[key])

@@ -17,10 +17,10 @@ import math
 
 import torch
 
-from attnopt.calibration.stats import SiteStats
 from attnopt.cost_model.latency import op_config
 from attnopt.patterns.masks import combined_allowed, merge_allowed
 from attnopt.patterns.site import AttentionSite
+from attnopt.patterns.site_stats import SiteStats
 from attnopt.replacements.base import Candidate
 from attnopt.replacements.exact import attention_reference
 

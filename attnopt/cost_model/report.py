@@ -8,17 +8,35 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from attnopt.calibration.stats import SiteStats
-    from attnopt.cost_model.plan import Plan
+from attnopt.patterns.site_stats import SiteStats
 
 __all__ = ["plot_attention_distance", "plot_pareto", "write_report"]
 
 log = logging.getLogger(__name__)
+
+
+class ReportedPlan(Protocol):
+    """What a report reads of a :class:`~attnopt.cost_model.plan.Plan`.
+
+    A protocol rather than the class itself: the plan writes its report when saved, so the
+    report must not import the plan back.
+    """
+
+    budget: Any
+    device: str
+    target: str | None
+    fingerprint: str
+    versions: dict[str, str]
+    feasible: bool
+    pareto: list[dict[str, float]]
+    totals: dict[str, float]
+    timings: dict[str, float]
+
+    def summary(self) -> str: ...
 
 PARETO_PNG = "pareto.png"
 DISTANCE_PNG = "attention_distance.png"
@@ -35,7 +53,7 @@ def _pyplot():
     return plt
 
 
-def plot_pareto(plan: Plan, path: pathlib.Path) -> bool:
+def plot_pareto(plan: ReportedPlan, path: pathlib.Path) -> bool:
     """Speedup against summed error along the front, the chosen plan marked. False if not drawn."""
     plt = _pyplot()
     if plt is None or not plan.pareto:
@@ -89,7 +107,7 @@ def plot_attention_distance(stats: dict[str, SiteStats], path: pathlib.Path, max
 
 
 def write_report(
-    plan: Plan, directory: pathlib.Path, *, stats: dict[str, SiteStats] | None = None
+    plan: ReportedPlan, directory: pathlib.Path, *, stats: dict[str, SiteStats] | None = None
 ) -> pathlib.Path:
     """Write ``report.md`` (and the plots) into ``directory``."""
     lines = [

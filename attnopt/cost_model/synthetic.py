@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from attnopt.calibration.stats import SiteStats
 from attnopt.patterns.masks import combined_allowed, repeat_kv_heads
 from attnopt.patterns.site import AttentionSite
+from attnopt.patterns.site_stats import SiteStats
 
 __all__ = ["attention_statistics", "make_site", "make_stats", "structured_qkv"]
 

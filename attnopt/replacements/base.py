@@ -25,8 +25,8 @@ import sympy
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from attnopt.calibration.stats import SiteStats
     from attnopt.patterns.site import AttentionSite
+    from attnopt.patterns.site_stats import SiteStats
 
 __all__ = [
     "FAMILIES",
@@ -216,9 +216,11 @@ def register_family(family: Family) -> Family:
 
 
 def get_family(name: str) -> Family:
-    """The registered family called ``name``; raises ``ValueError`` listing the known ones."""
-    import attnopt.replacements  # noqa: F401  (registers the built-in families)
+    """The registered family called ``name``; raises ``ValueError`` listing the known ones.
 
+    The built-in families are registered by the package's ``__init__``, which Python runs
+    before this module is ever imported, so they are always present here.
+    """
     if name not in FAMILIES:
         raise ValueError(f"Unknown family {name!r}; expected one of {sorted(FAMILIES)}.")
     return FAMILIES[name]
