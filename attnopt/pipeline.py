@@ -25,7 +25,6 @@ import torch
 
 from attnopt.calibration.engine import calibrate
 from attnopt.calibration.stats import CalibrationConfig, SiteStats
-from attnopt.codegen.ops import overrides
 from attnopt.cost_model.budget import Budget, parse_budget
 from attnopt.cost_model.plan import Plan
 from attnopt.cost_model.planner import SITE_ERROR_CAP
@@ -35,6 +34,7 @@ from attnopt.rewriter.calls import fresh_args, normalise_calib
 from attnopt.rewriter.capture import CapturedPart
 from attnopt.rewriter.hf_route import route, route_reason, routed_sites
 from attnopt.rewriter.install import install, uninstall_all
+from attnopt.rewriter.overrides import overrides
 from attnopt.rewriter.rewrite import Choice
 from attnopt.rewriter.verify import PlanMismatchError, check_modules, module_structure, site_module
 

@@ -11,7 +11,7 @@ block_sparse static windows fitted to a mass target, dynamic top-k densities or 
 threshold, skip thresholds; quantized formats; linear pure/hybrid (feature maps fitted per site);
 head_pruned by kept fraction; shared by clustering threshold (a site whose heads do not cluster
 at a threshold stays exact there). The model runs exact ``attnopt`` operators, and
-``attnopt.codegen.ops.overrides`` swaps in each setting, so nothing is recaptured.
+``attnopt.rewriter.overrides.overrides`` swaps in each setting, so nothing is recaptured.
 
 Writes ``benchmarks/results/families.json`` and ``families.md`` (device, versions, date).
 
@@ -48,7 +48,6 @@ import attnopt.codegen  # noqa: E402,F401  (registers the CPU kernels)
 from attnopt.api import as_call, capture_sites  # noqa: E402
 from attnopt.calibration.engine import calibrate, observe  # noqa: E402
 from attnopt.calibration.stats import CalibrationConfig, SiteStats  # noqa: E402
-from attnopt.codegen.ops import overrides  # noqa: E402
 from attnopt.cost_model.device import local_device_name, versions  # noqa: E402
 from attnopt.pipeline import build_candidates, install_choices  # noqa: E402
 from attnopt.replacements.base import Candidate  # noqa: E402
@@ -56,6 +55,7 @@ from attnopt.replacements.block_sparse import BlockSparseConfig, dynamic_layout,
 from attnopt.replacements.linear import LinearFamily, fit_feature_maps  # noqa: E402
 from attnopt.replacements.quantized import QuantizedFamily  # noqa: E402
 from attnopt.rewriter.install import uninstall_all  # noqa: E402
+from attnopt.rewriter.overrides import overrides  # noqa: E402
 from attnopt.rewriter.rewrite import Choice  # noqa: E402
 
 __all__ = ["Setting", "Workload", "build_settings", "time_setting", "run_workload", "main"]

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from attnopt.calibration.stats import CalibrationConfig, SiteStats
-from attnopt.codegen.ops import AttentionCall, set_observer
+from attnopt.codegen.ops import AttentionCall, DispatchHook, dispatch_hook
 from attnopt.patterns.masks import causal_allowed, window_allowed
 
 __all__ = ["calibrate", "observe", "StatsAccumulator"]
@@ -112,23 +112,30 @@ def observe(
     """
     cfg = config or CalibrationConfig()
     wanted = set(sites) if sites is not None else None
-    accs: dict[str, StatsAccumulator] = {}
     out: dict[str, SiteStats] = {}
 
-    def observer(site: str, call: AttentionCall) -> None:
-        if wanted is not None and site not in wanted:
-            return
-        acc = accs.get(site)
-        if acc is None:
-            acc = accs[site] = StatsAccumulator(site, cfg)
-            out[site] = acc.stats
-        acc.add(call)
-
-    previous = set_observer(observer)
-    try:
+    with dispatch_hook(_Observer(cfg, wanted, out)):
         yield out
-    finally:
-        set_observer(previous)
+
+
+class _Observer(DispatchHook):
+    """Calibration's hook: one :class:`StatsAccumulator` per wanted site, filled as calls run."""
+
+    def __init__(self, cfg: CalibrationConfig, wanted: set[str] | None, out: dict[str, SiteStats]) -> None:
+        self.cfg, self.wanted, self.out = cfg, wanted, out
+        self.accs: dict[str, StatsAccumulator] = {}
+
+    def wants_structure(self, site: str) -> bool:
+        return self.wanted is None or site in self.wanted
+
+    def __call__(self, site: str, family: str, call: AttentionCall) -> str:
+        if self.wants_structure(site):
+            acc = self.accs.get(site)
+            if acc is None:
+                acc = self.accs[site] = StatsAccumulator(site, self.cfg)
+                self.out[site] = acc.stats
+            acc.add(call)
+        return family
 
 
 def calibrate(

@@ -18,19 +18,29 @@ module names the variant each site runs::
 Kernels are looked up per (family, device type) in :data:`KERNELS`; families register theirs
 with :func:`register_kernel`. The fake implementation gives shapes to ``torch.compile`` and
 ``torch.export`` without running anything.
+
+This module is the operator interface and nothing else: the schema, kernel registration and
+dispatch, with one hook (:class:`DispatchHook`) through which calibration observes calls and
+the planner redirects them. The state those need is theirs (calibration's accumulators,
+the planner's override table); the only state here is a weak index of the fitted tensors a
+compiled graph keeps outside itself (:func:`bank_params`), which dies with the graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from attnopt.patterns.masks import additive_to_allowed, classify_allowed, combined_allowed, merge_allowed
+from attnopt.replacements.base import FAMILY_NAMES
 
 __all__ = [
     "FAMILY_OPS",
@@ -40,12 +50,15 @@ __all__ = [
     "op_for",
     "exact_attention",
     "parse_config",
-    "set_observer",
-    "overrides",
+    "DispatchHook",
+    "dispatch_hook",
+    "bank_params",
+    "BankedParams",
 ]
 
 #: Families with an operator of their own. ``head_pruned`` is a weight rewrite that runs the
-#: ``exact`` operator with fewer heads, so it has none.
+#: ``exact`` operator with fewer heads, so it has none (its kernel, registered like any other,
+#: emulates the pruned model on the full heads, for trying a plan before weights change).
 FAMILY_OPS = ("exact", "block_sparse", "quantized", "linear", "shared")
 
 _SCHEMA = (
@@ -93,46 +106,41 @@ _FAMILY_CONFIGS: dict[tuple[str, str], Any] = {}
 
 Kernel = Callable[[AttentionCall], torch.Tensor]
 
-# Called as ``observer(site_name, call)`` before each kernel runs; calibration installs one.
-_OBSERVER: Callable[[str, AttentionCall], None] | None = None
+class DispatchHook:
+    """The one way into a running operator: sees each call before its kernel and may redirect it.
+
+    Calibration subclasses it to record samples, the planner to run a plan's variant at a site
+    of a model that runs exact operators. Install one with :func:`dispatch_hook`.
+    """
+
+    def wants_structure(self, site: str) -> bool:
+        """Whether calls at ``site`` need their mask's structure resolved (causal, window).
+
+        Exact attention passes the model's mask straight to SDPA; a hook that records samples
+        or runs a variant needs the structure, which costs one pass over a non-static mask.
+        """
+        return True
+
+    def __call__(self, site: str, family: str, call: AttentionCall) -> str:
+        """Called before the kernel runs; returns the family whose kernel runs ``call``.
+
+        May change ``call.params`` and ``call.config`` to match the family it returns.
+        """
+        return family
 
 
-# site name -> (family, config dict, params): lets the planner try a plan on a model that runs
-# exact operators, without recapturing or recompiling anything.
-_OVERRIDES: dict[str, tuple[str, dict[str, Any], list[torch.Tensor]]] = {}
+_HOOK: DispatchHook | None = None
 
 
-class overrides:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Within the block, run ``site``'s operator as ``(family, config, params)`` instead."""
-
-    def __init__(self, table: dict[str, tuple[str, dict[str, Any], list[torch.Tensor]]]) -> None:
-        self.table = table
-
-    def __enter__(self) -> overrides:
-        self._saved = dict(_OVERRIDES)
-        _OVERRIDES.clear()
-        _OVERRIDES.update(self.table)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(self._saved)
-
-
-def _head_pruned_emulation(call: AttentionCall) -> torch.Tensor:
-    """Exact attention with the pruned heads' outputs set to their fill (or zero): what the model
-    computes once the q/k/v/o projections are sliced and the fill folded into the o-bias."""
-    from attnopt.replacements.head_pruned import pruned_output
-
-    fill = call.params[1] if len(call.params) > 1 else None
-    return pruned_output(exact_attention(call), call.params[0], fill)
-
-
-def set_observer(observer: Callable[[str, AttentionCall], None] | None) -> Callable | None:
-    """Install ``observer`` (or None); returns the previous one so callers can restore it."""
-    global _OBSERVER
-    previous, _OBSERVER = _OBSERVER, observer
-    return previous
+@contextlib.contextmanager
+def dispatch_hook(hook: DispatchHook | None) -> Iterator[DispatchHook | None]:
+    """Within the block every operator call goes through ``hook`` (None: no hook); nests."""
+    global _HOOK
+    previous, _HOOK = _HOOK, hook
+    try:
+        yield hook
+    finally:
+        _HOOK = previous
 
 
 #: (family, device type) -> kernel. ``"exact"`` on every device is registered below.
@@ -141,8 +149,8 @@ KERNELS: dict[tuple[str, str], Kernel] = {}
 
 def register_kernel(family: str, device_type: str) -> Callable[[Kernel], Kernel]:
     """Decorator: make ``fn(call) -> Tensor`` the kernel of ``family`` on ``device_type``."""
-    if family not in FAMILY_OPS:
-        raise ValueError(f"Expected a family in {FAMILY_OPS}, but got {family!r}.")
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"Expected a family in {FAMILY_NAMES}, but got {family!r}.")
 
     def deco(fn: Kernel) -> Kernel:
         KERNELS[(family, device_type)] = fn
@@ -267,35 +275,30 @@ def _top_left_causal(attn_mask: torch.Tensor | None, q_len: int, kv_len: int, de
 
 def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> torch.Tensor:
     cfg = parse_config(config)
+    site = cfg.get("site", "")
     q_len, kv_len = q.shape[-2], k.shape[-2]
     if is_causal and q_len != kv_len and cfg.get("causal_align") == "top_left":
         attn_mask, is_causal = _top_left_causal(attn_mask, q_len, kv_len, q.device), False
     if family != "exact" and (q_len < int(cfg.get("min_q_len", 2)) or kv_len < int(cfg.get("min_kv_len", 0))):
         family = "exact"  # decode steps, and contexts shorter than where the plan's variant pays off
-    # Classify per call where the structure matters: variants, and calibration (whose samples
-    # variants are fitted on). Plain exact attention just passes the model's mask to SDPA.
-    variant = (
-        family != "exact" or _OBSERVER is not None or bool(_OVERRIDES and cfg.get("site", "") in _OVERRIDES)
-    )
+    hook = _HOOK
+    # Classify per call where the structure matters: variants, and hooked calls (calibration's
+    # samples, which variants are fitted on; a planner's variant). Plain exact attention just
+    # passes the model's mask to SDPA.
+    variant = family != "exact" or (hook is not None and hook.wants_structure(site))
     mask, causal, window = _resolve_mask(attn_mask, q_len, kv_len, is_causal, cfg, variant)
     # One query (a decode step) at the end of the keys sees every key whether or not the call
     # says causal (attnopt's causal is bottom-right): give every kernel the causal form.
     causal = causal or q_len == 1
     if not params and "params_ref" in cfg:
-        params = _PARAM_BANK[cfg["params_ref"]]
+        params = _banked(cfg["params_ref"], site)
     call = AttentionCall(q, k, v, mask, list(params), float(scale), causal, window, cfg)
-    if _OBSERVER is not None:
-        _OBSERVER(cfg.get("site", ""), call)
-    override = _OVERRIDES.get(cfg.get("site", "")) if _OVERRIDES else None
-    if override is not None:
-        family, inner, call.params = override[0], override[1], list(override[2])
-        call.config = {**cfg, "family": family, "config": inner}
-        if family == "head_pruned":
-            return _head_pruned_emulation(call).to(v.dtype).contiguous()
+    if hook is not None:
+        family = hook(site, family, call)
     kernel = KERNELS.get((family, q.device.type)) or KERNELS.get((family, "any"))
     if kernel is None:
         raise NotImplementedError(
-            f"attnopt::{family} has no kernel for device {q.device.type!r} (site {cfg.get('site', '?')}); "
+            f"attnopt::{family} has no kernel for device {q.device.type!r} (site {site or '?'}); "
             f"registered: {sorted(KERNELS)}."
         )
     out = kernel(call)
@@ -305,19 +308,44 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
     return out.contiguous()
 
 
-_PARAM_BANK: dict[str, list[torch.Tensor]] = {}
+class BankedParams:
+    """A site's fitted tensors kept outside a compiled graph, for as long as their owner holds them."""
+
+    __slots__ = ("tensors", "__weakref__")
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
 
 
-def bank_params(tensors: list[torch.Tensor]) -> str:
-    """Keep a site's fitted tensors on the Python side; returns the ``params_ref`` naming them.
+#: ``params_ref`` -> banked tensors, held weakly: an entry lives exactly as long as the compiled
+#: graph that owns it (see :func:`bank_params`), so compiling and dropping models never grows it.
+_PARAM_BANK: weakref.WeakValueDictionary[str, BankedParams] = weakref.WeakValueDictionary()
+_BANK_KEYS = itertools.count()
+
+
+def bank_params(tensors: list[torch.Tensor]) -> tuple[str, BankedParams]:
+    """Keep a site's fitted tensors on the Python side: ``(params_ref, entry)``.
 
     For graphs handed to a compiler that accepts only the parameters and buffers it recorded
     itself (Inductor under ``torch.compile``): the operator is then called with ``params=[]``
-    and a config holding ``"params_ref"``, and looks the tensors up here at run time.
+    and a config holding ``"params_ref"``, and looks the tensors up at run time. The bank
+    holds ``entry`` weakly: the caller must keep it alive with what it serves (the compiled
+    function), and it is freed with it.
     """
-    key = f"bank{len(_PARAM_BANK)}"
-    _PARAM_BANK[key] = list(tensors)
-    return key
+    entry = BankedParams(tensors)
+    key = f"bank{next(_BANK_KEYS)}"
+    _PARAM_BANK[key] = entry
+    return key, entry
+
+
+def _banked(ref: str, site: str) -> list[torch.Tensor]:
+    entry = _PARAM_BANK.get(ref)
+    if entry is None:
+        raise RuntimeError(
+            f"attnopt: the fitted tensors of site {site or '?'} ({ref}) were freed with the graph that "
+            "owned them; recompile the model."
+        )
+    return entry.tensors
 
 
 def _define(family: str) -> None:

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from attnopt.codegen import load_kernels  # re-exported: the one kernel loader
 from attnopt.cost_model._timing import median_time, synchronize
 from attnopt.cost_model.device import (
     SEED_PROFILES,
@@ -301,31 +302,6 @@ def _launch_overhead_us(dev: torch.device) -> float:
     return (
         median_time(lambda: op(q, q, q, None, [], 0.25, False, cfg), device=dev, warmup=3, repeats=21) * 1e6
     )
-
-
-def load_kernels(device_type: str = "cpu") -> None:
-    """Import the families and every kernel module of ``attnopt.codegen`` for ``device_type``.
-
-    Kernels register themselves on import; a module that fails to import (a family still
-    being written) is logged and skipped.
-    """
-    import importlib
-    import pkgutil
-
-    import attnopt.replacements  # noqa: F401  (registers the families)
-
-    packages = ["attnopt.codegen.cpu"] + (["attnopt.codegen.triton"] if device_type == "cuda" else [])
-    for pkg_name in packages:
-        try:
-            pkg = importlib.import_module(pkg_name)
-        except ImportError as e:  # pragma: no cover
-            log.debug("attnopt: %s not importable: %s", pkg_name, e)
-            continue
-        for info in pkgutil.iter_modules(pkg.__path__):
-            try:
-                importlib.import_module(f"{pkg_name}.{info.name}")
-            except Exception as e:  # noqa: BLE001  (a kernel being written must not break profiling)
-                log.warning("attnopt: kernel module %s.%s failed to import: %s", pkg_name, info.name, e)
 
 
 def _kernel_families(dev: torch.device) -> list[str]:

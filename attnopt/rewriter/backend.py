@@ -103,8 +103,9 @@ class RewriteBackend:
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
 
-            _bank_plan_tensors(gm)
-            return compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode, options))
+            banked = _bank_plan_tensors(gm)
+            compiled = compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode, options))
+            return _owning(compiled, banked) if banked else compiled
         return gm.forward
 
 
@@ -128,18 +129,37 @@ def _no_shape_guards(example_inputs: list[Any]):
     return shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
 
 
-def _bank_plan_tensors(gm: fx.GraphModule) -> None:
+def _owning(compiled: Callable, banked: list[Any]) -> Callable:
+    """``compiled`` as a function that owns ``banked``: the tensors live exactly as long as it does.
+
+    Dynamo keeps the function a backend returns for as long as the compiled code can run, and
+    drops it with the code (a deleted model, ``torch._dynamo.reset()``); the bank holds its
+    entries weakly, so they go with it.
+    """
+
+    def run(*args: Any) -> Any:
+        return compiled(*args)
+
+    run._attnopt_banked = banked  # type: ignore[attr-defined]
+    if getattr(compiled, "_boxed_call", False):
+        run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
+def _bank_plan_tensors(gm: fx.GraphModule) -> list[Any]:
     """Move the plan's fitted tensors out of the graph into the operators' parameter bank.
 
     Inductor accepts as constants only the parameters and buffers dynamo recorded, and rejects
     the ``get_attr`` tensors the rewrite adds; the operators find them by ``params_ref`` instead
-    (see :func:`attnopt.codegen.ops.bank_params`).
+    (see :func:`attnopt.codegen.ops.bank_params`). Returns the bank entries, which the caller
+    must keep alive for as long as the compiled graph runs.
     """
     from attnopt.codegen.ops import FAMILY_OPS, bank_params, op_for
     from attnopt.rewriter.mha import mha_forward
 
     ops = {op_for(f) for f in FAMILY_OPS}
     banked = set()
+    entries = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -149,7 +169,8 @@ def _bank_plan_tensors(gm: fx.GraphModule) -> None:
             params, config = node.kwargs["attnopt_params"], node.kwargs["attnopt_config"]
         else:
             continue
-        ref = bank_params([getattr(gm, p.target) for p in params])
+        ref, entry = bank_params([getattr(gm, p.target) for p in params])
+        entries.append(entry)
         config = json.dumps({**json.loads(config), "params_ref": ref}, sort_keys=True)
         banked.update(params)
         if node.target is mha_forward:
@@ -162,6 +183,7 @@ def _bank_plan_tensors(gm: fx.GraphModule) -> None:
             delattr(gm, p.target)
     if banked:
         gm.recompile()
+    return entries
 
 
 def exact_everywhere(site: AttentionSite) -> Choice | None:

@@ -96,3 +96,47 @@ def test_compile_modes_reach_inductor_and_the_model_is_one_graph(monkeypatch):
         torch.testing.assert_close(by_name(**call).logits, want, rtol=1e-4, atol=1e-4)
     assert len(backend.compiles) == 1 and backend.compiles[0]["rewritten"] == 2  # one graph: no breaks
     assert {"triton.cudagraphs": True} in seen and {"max_autotune": False} in seen  # (compile_fx recurses)
+
+
+class _SelfAttention(torch.nn.Module):
+    """One SDPA self-attention: the smallest model whose compiled graph carries a plan's tensors."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+
+
+def test_banked_plan_tensors_live_and_die_with_their_compiled_graphs():
+    """The operators' parameter bank holds nothing of its own: compiling and dropping 20 models
+    leaves it as it was once dynamo lets go of their graphs, and a live graph finds its tensors."""
+    import gc
+
+    from attnopt.codegen import ops
+
+    torch.manual_seed(8)
+    model = _SelfAttention()
+    base = copy.deepcopy(model)
+    x = torch.randn(1, 8, 16)
+    attnopt.optimize(model, "1x", calib=[x])
+    shared = SharedConfig(clusters=((0, 1), (2, 3)), representatives=(1, 2), threshold=0.9)
+    _set_entries(model, {0: ("shared", shared.to_json(), shared_params(shared, 4))})
+    plan = model._attnopt_plan
+    torch._dynamo.reset()
+    gc.collect()
+    before = len(ops._PARAM_BANK)
+    for _ in range(20):
+        m = copy.deepcopy(base)
+        compiled = torch.compile(m, backend=attnopt.backend(plan=plan))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x))  # the shared plan, its tensors found
+        assert len(ops._PARAM_BANK) > before
+        del compiled, m
+    torch._dynamo.reset()  # dynamo drops the compiled code it keeps per code object
+    gc.collect()
+    assert len(ops._PARAM_BANK) == before
