@@ -14,12 +14,9 @@ from typing import Any
 import torch
 
 from attnopt.cost_model.budget import parse_budget
-from attnopt.patterns.canon import module_names_of
-from attnopt.patterns.context import GraphContext
-from attnopt.patterns.find import assign_names, find_sites_in_graph, prefix_sites
 from attnopt.patterns.site import AttentionSite
-from attnopt.rewriter.calls import as_call, fresh_args
-from attnopt.rewriter.capture import CAPTURE_METHODS, CapturedPart, CaptureError, capture, capture_parts
+from attnopt.rewriter.calls import as_call
+from attnopt.rewriter.sites import capture_sites
 
 __all__ = [
     "find_sites",
@@ -35,60 +32,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("attnopt")
-
-
-def capture_sites(
-    model: torch.nn.Module, args: tuple, kwargs: dict, methods: Sequence[str] = CAPTURE_METHODS
-) -> tuple[list[CapturedPart], list[AttentionSite]]:
-    """Capture ``model(*args, **kwargs)`` and find its attention sites.
-
-    torch.export is tried on the whole model, then on its parts (the layers of a model whose
-    top-level ``forward`` cannot be exported); only if that finds nothing do dynamo and
-    symbolic_trace get the whole model. (Dynamo always "succeeds", but it silently runs frames
-    it skips — e.g. ``torch.nn`` layers after a graph break — without giving their graphs.)
-    Site names are module paths from the model's root, unique per model.
-    """
-    _check_runs(model, args, kwargs)
-    errors: list[str] = []
-    parts: list[CapturedPart] = []
-    if "export" in methods:
-        try:
-            parts = capture_parts(model, fresh_args(args), kwargs, ("export",))
-        except CaptureError as e:
-            errors.append(str(e))
-    sites = _find_in_parts(parts)
-    rest = tuple(m for m in methods if m != "export")
-    if not sites and rest:
-        try:
-            parts = [CapturedPart("", model, capture(model, fresh_args(args), kwargs, rest))]
-            sites = _find_in_parts(parts)
-        except CaptureError as e:
-            if not parts:
-                raise CaptureError("\n".join(errors + [str(e)])) from e
-    return parts, sites
-
-
-def _find_in_parts(parts: list[CapturedPart]) -> list[AttentionSite]:
-    sites: list[AttentionSite] = []
-    for part in parts:
-        for gm, flat in part.captured.graphs:
-            found = find_sites_in_graph(GraphContext(gm, flat, module_names=module_names_of(part.module)))
-            prefix_sites(found, part.path)
-            sites.extend(found)
-    assign_names(sites)
-    return sites
-
-
-def _check_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Run the example once so a bad input fails with the model's own error plus our context."""
-    try:
-        with torch.no_grad():
-            model(*fresh_args(args), **kwargs)
-    except Exception as e:
-        raise type(e)(
-            f"{e}\n(attnopt: the example call does not run {type(model).__name__}; pass inputs the model accepts, "
-            f"e.g. calib=[{{'input_ids': ...}}])"
-        ) from e
 
 
 def find_sites(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list[AttentionSite]:
@@ -169,7 +112,7 @@ def optimize(
     _validate_model(model)
     _validate_options("optimize", options, OPTIMIZE_OPTIONS)
     _validate_exclude(exclude)
-    parse_budget(budget)  # a malformed budget fails now, not at the first call
+    budget = parse_budget(budget)  # parsed once, here: a malformed budget fails now, not at the first call
     calls = options.pop("calib_calls", None)
     from attnopt.pipeline import run_optimize
     from attnopt.rewriter.install import uninstall_all
@@ -233,7 +176,7 @@ def apply(model: torch.nn.Module, plan: Any, example: Any = None) -> torch.nn.Mo
     Raises:
         attnopt.PlanMismatchError: the plan does not fit ``model``, naming the first differences.
     """
-    from attnopt.pipeline import install_plan
+    from attnopt.rewriter.apply import install_plan
     from attnopt.rewriter.verify import check_modules
 
     _validate_model(model)
@@ -304,7 +247,8 @@ def backend(
     a plan is made first. With neither, every site runs exact attention. The rest of the graph
     is compiled by Inductor as usual.
     """
-    from attnopt.pipeline import plan_choices
+    from attnopt.replacements.base import rewrites_weights
+    from attnopt.rewriter.apply import plan_choices
     from attnopt.rewriter.backend import RewriteBackend, exact_everywhere
 
     if plan is None and budget is not None:
@@ -319,9 +263,9 @@ def backend(
         return RewriteBackend(exact_everywhere, inductor=True)
     choices = plan_choices(plan)
     for e in plan.entries:
-        if e.family == "head_pruned":
+        if rewrites_weights(e.family):
             raise NotImplementedError(
-                f"plan entry {e.site} prunes heads, which changes weights, so a compile backend cannot run it; "
+                f"plan entry {e.site} ({e.family}) changes weights, so a compile backend cannot run it; "
                 "compile the applied model instead: torch.compile(attnopt.apply(model, plan, example=call)) "
                 "(Hugging Face models then run the plan through transformers' AttentionInterface, which "
                 "torch.compile traces)."

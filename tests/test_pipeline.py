@@ -88,12 +88,13 @@ def test_plan_save_load_apply_round_trip(tmp_path):
 def test_plan_timings_keep_the_measurements_when_validation_re_solves(monkeypatch):
     """Validation re-solves with cached measurements; the reported timings must still hold the first ones."""
     import attnopt.pipeline as pipeline
+    import attnopt.pipeline.validation as validation
 
     torch.manual_seed(3)
     model = RawAttention()
     calls = [tuple(torch.randn(1, 4, 1024, 16) for _ in range(3)) for _ in range(3)]
     seen = {}
-    real_check, real_tighten = pipeline._end_to_end_check, pipeline._validate_and_tighten
+    real_check, real_tighten = validation.end_to_end_check, validation.validate_and_tighten
 
     def failing_first(model, held, budget):
         check = real_check(model, held, budget)
@@ -105,12 +106,12 @@ def test_plan_timings_keep_the_measurements_when_validation_re_solves(monkeypatc
         fake.calls = check.calls
         return fake
 
-    def spy(sites, candidates, budget, plan, check, plan_kwargs):
+    def spy(problem, plan, check):
         seen["first"] = dict(plan.timings)
-        return real_tighten(sites, candidates, budget, plan, check, plan_kwargs)
+        return real_tighten(problem, plan, check)
 
-    monkeypatch.setattr(pipeline, "_end_to_end_check", failing_first)
-    monkeypatch.setattr(pipeline, "_validate_and_tighten", spy)
+    monkeypatch.setattr(validation, "end_to_end_check", failing_first)
+    monkeypatch.setattr(validation, "validate_and_tighten", spy)
     # planned for the H100 profile: predictions only, so the plan (and its re-solve) is deterministic
     run = pipeline.run_plan(model, "2x", calls, families=("block_sparse",), target="h100", progress=False)
     assert seen, "validation did not run"

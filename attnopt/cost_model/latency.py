@@ -175,6 +175,16 @@ def clear_latency_cache() -> None:
     _CACHE.clear()
 
 
+def _family_or_none(name: str) -> Any:
+    """The registered family ``name``, or None (tests time ad-hoc families that only have kernels)."""
+    from attnopt.replacements.base import get_family
+
+    try:
+        return get_family(name)
+    except ValueError:
+        return None
+
+
 def _runner(site: AttentionSite, candidate: Candidate, q, k, v, attn_mask) -> tuple[Any, tuple[Any, ...]]:
     """(a call of ``candidate``'s operator on these tensors, its cache key)."""
     from attnopt.codegen.ops import op_for
@@ -182,13 +192,9 @@ def _runner(site: AttentionSite, candidate: Candidate, q, k, v, attn_mask) -> tu
     family = candidate.family
     params = list(candidate.params)
     cfg = op_config(site, candidate)
-    if family == "head_pruned":
-        keep = kept_heads(candidate, q.shape[1])
-        groups = max(q.shape[1] // max(k.shape[1], 1), 1)
-        kv_keep = getattr(candidate.config, "kv_keep", None)
-        keep_kv = len(kv_keep) if kv_keep else max(keep // groups, 1)
-        q = q[:, :keep]
-        k, v = k[:, :keep_kv], v[:, :keep_kv]
+    fam = _family_or_none(family)
+    if fam is not None and fam.rewrites_weights:  # the rewritten model runs exact attention, smaller
+        q, k, v = fam.applied_inputs(candidate, q, k, v)
         family, params = "exact", []
         cfg = json.dumps({**json.loads(cfg), "family": "exact", "config": {}}, sort_keys=True)
     key = (

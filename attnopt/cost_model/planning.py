@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from attnopt.patterns.site import AttentionSite
     from attnopt.patterns.site_stats import SiteStats
 
-__all__ = ["PlanProblem", "build_options", "make_plan"]
+__all__ = ["PlanProblem", "build_options", "exact_plan", "make_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -371,3 +371,16 @@ def make_plan(
     timings: dict[str, float] = {}
     plan_problem = PlanProblem.create(sites, candidates, budget, profile=profile, timings=timings, **problem)
     return plan_problem.solve(pin=pin, with_pareto=with_pareto, timings=timings)
+
+
+def exact_plan(sites: list[AttentionSite], budget: Budget, timings: dict[str, float] | None = None) -> Plan:
+    """The plan that runs exact attention at every site (what budget "1x" asks for)."""
+    return Plan(
+        entries=[PlanEntry(site=s.name, family="exact", config={}) for s in sites],
+        budget=budget,
+        fingerprint=fingerprint(sites),
+        sites=[s.structure() for s in sites],
+        totals={"speedup": 1.0, "error": 0.0},
+        timings=dict(timings or {}),
+        versions=versions(),
+    )

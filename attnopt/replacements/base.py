@@ -38,6 +38,7 @@ __all__ = [
     "SYMBOLS",
     "get_family",
     "register_family",
+    "rewrites_weights",
 ]
 
 #: Every family name, in the order plans and ``optimize(families=...)`` spell them.
@@ -150,6 +151,11 @@ class Family(ABC):
 
     name: ClassVar[str]
     config_type: ClassVar[type[FamilyConfig]]
+    #: True for a variant that rewrites the model's weights (head pruning) instead of running an
+    #: operator of its own. Applying a plan runs :meth:`apply_to_model`; the site then runs the
+    #: exact operator (on :meth:`applied_inputs`), and a compile backend, which cannot change
+    #: weights, cannot run it. Every room asks this, never the family's name.
+    rewrites_weights: ClassVar[bool] = False
 
     def unsupported_reason(self, site: AttentionSite) -> str | None:
         """``None`` if the family can serve ``site``, else one sentence saying why not."""
@@ -199,6 +205,23 @@ class Family(ABC):
         """
         return None
 
+    def apply_to_model(self, model: torch.nn.Module, site: AttentionSite, entry: Any) -> None:
+        """Rewrite ``model``'s weights as the plan entry (or candidate) ``entry`` says.
+
+        Only for families with :attr:`rewrites_weights`; the others run an operator instead.
+        """
+        raise NotImplementedError(f"family {self.name!r} runs an operator; it does not rewrite weights")
+
+    def applied_inputs(
+        self, candidate: Candidate, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the exact operator receives at the site once ``candidate`` is applied to the weights.
+
+        The identity for operator families; a weight rewrite returns its smaller tensors (head
+        pruning: the kept heads), so the cost model times what the rewritten model will run.
+        """
+        return q, k, v
+
     @abstractmethod
     def cost(self, site: AttentionSite, config: FamilyConfig) -> CostFormula:
         """FLOPs and bytes of the variant as formulas of the shape."""
@@ -224,3 +247,12 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"Unknown family {name!r}; expected one of {sorted(FAMILIES)}.")
     return FAMILIES[name]
+
+
+def rewrites_weights(name: str) -> bool:
+    """Whether the family called ``name`` rewrites weights (:attr:`Family.rewrites_weights`).
+
+    False for a name no family is registered under (tests run ad-hoc kernels under new names).
+    """
+    family = FAMILIES.get(name)
+    return bool(family is not None and family.rewrites_weights)

@@ -34,6 +34,7 @@ from attnopt.patterns.canon import module_names_of
 from attnopt.patterns.context import GraphContext
 from attnopt.patterns.find import find_sites_in_graph
 from attnopt.patterns.site import AttentionSite
+from attnopt.replacements.base import rewrites_weights
 from attnopt.rewriter.calls import as_call
 from attnopt.rewriter.hf_route import suspended
 from attnopt.rewriter.install import _ATTR, installed_backends
@@ -102,13 +103,9 @@ def _chooser(model: torch.nn.Module):
     """The installed plan as ``choose(site)``, for sites named from ``model``'s root."""
     plan = getattr(model, "_attnopt_plan", None)
     if plan is not None:
-        from attnopt.pipeline import plan_choices
+        from attnopt.rewriter.apply import plan_choices
 
-        choices = plan_choices(plan)
-        # head pruning already changed the weights; the site runs the exact operator.
-        for name, c in choices.items():
-            if c.family == "head_pruned":
-                choices[name] = Choice("exact")
+        choices = plan_choices(plan, applied=True)  # weight rewrites were made; those sites run exact
 
         def by_plan(site: AttentionSite) -> Choice | None:
             return choices.get(site.name) if site.rewritable else None
@@ -172,7 +169,8 @@ def _check_planned_sites_found(model: torch.nn.Module, rewritten: list[str]) -> 
     plan = getattr(model, "_attnopt_plan", None)
     if plan is None:
         return
-    lost = sorted({e.site for e in plan.entries if e.family not in ("exact", "head_pruned")} - set(rewritten))
+    operators = {e.site for e in plan.entries if e.family != "exact" and not rewrites_weights(e.family)}
+    lost = sorted(operators - set(rewritten))
     if lost:
         raise ExportCheckError(
             f"attnopt.export: expected the exported graph to show every planned site, but got none for "

@@ -207,7 +207,8 @@ def test_candidates_no_faster_than_exact_are_not_error_scored():
 @pytest.mark.parametrize("end_to_end", [0.001, 0.5])
 def test_out_of_reach_targets_widen_the_site_cap_only_when_end_to_end_holds(end_to_end):
     """Site errors above the cap are taken when the held-out check passes, and only then."""
-    from attnopt.pipeline import WIDEN_BISECTIONS, _widen
+    from attnopt.cost_model.planning import PlanProblem
+    from attnopt.pipeline.validation import WIDEN_BISECTIONS, widen
 
     sites = _sites(4, heads=32, seq=8192, head_dim=128)
     cands = _candidates(sites, density=0.15, error=0.2)  # above SITE_ERROR_CAP, below the first wider cap
@@ -220,7 +221,7 @@ def test_out_of_reach_targets_widen_the_site_cap_only_when_end_to_end_holds(end_
         return end_to_end
 
     check.calls = 1
-    got, steps = _widen(sites, cands, budget, plan, check, kwargs)
+    got, steps = widen(PlanProblem.create(sites, cands, budget, **kwargs), plan, check)
     if end_to_end <= budget.tolerance:
         assert got.feasible and got.totals["speedup"] >= 2.0 * (1 - 1e-5)
         assert got.totals["validated_error"] == end_to_end and "per-site error cap 0.3" in steps[0]
@@ -230,7 +231,8 @@ def test_out_of_reach_targets_widen_the_site_cap_only_when_end_to_end_holds(end_
 
 def test_widening_bisects_the_speed_target_to_the_fastest_plan_that_holds():
     """A check that fails above ~1.6x: the kept plan is faster than the capped one, below the failing one."""
-    from attnopt.pipeline import _widen
+    from attnopt.cost_model.planning import PlanProblem
+    from attnopt.pipeline.validation import widen
 
     sites = _sites(4, heads=32, seq=8192, head_dim=128)
     cands = {}
@@ -248,7 +250,7 @@ def test_widening_bisects_the_speed_target_to_the_fastest_plan_that_holds():
         return 0.001 if p.totals["speedup"] <= 1.6 else 0.5
 
     check.calls = 1
-    got, steps = _widen(sites, cands, budget, plan, check, kwargs)
+    got, steps = widen(PlanProblem.create(sites, cands, budget, **kwargs), plan, check)
     assert 1.0 < got.totals["speedup"] <= 1.6 and not got.feasible
     assert got.budget == budget and "out of reach" in got.explanation and steps[-1].startswith("taken")
 
@@ -309,7 +311,8 @@ def test_a_failed_check_lowers_the_bound_on_summed_end_to_end_errors():
     """Sites interact: the check sees twice the summed one-site errors. The bound on the sum is
     lowered by that shortfall and the plan re-solved, keeping variants at every site it can,
     instead of setting whole sites to exact."""
-    from attnopt.pipeline import _validate_and_tighten
+    from attnopt.cost_model.planning import PlanProblem
+    from attnopt.pipeline.validation import validate_and_tighten
 
     sites = _sites(4, heads=32, seq=8192, head_dim=128)
     cands = _two_speed_candidates(sites, end_to_end=True)
@@ -322,7 +325,7 @@ def test_a_failed_check_lowers_the_bound_on_summed_end_to_end_errors():
         return 2 * p.totals["error"]
 
     check.calls = 1
-    got, steps = _validate_and_tighten(sites, cands, budget, plan, check, kwargs)
+    got, steps = validate_and_tighten(PlanProblem.create(sites, cands, budget, **kwargs), plan, check)
     assert steps[0].endswith("re-solved with their sum bounded by 0.0075") and steps[-1].startswith("validated")
     assert got.totals["error"] <= 0.0075 + 1e-12 and got.totals["validated_error"] <= 0.015
     # the fastest plan within the lowered bound, not the initial plan minus its worst site
@@ -332,7 +335,8 @@ def test_a_failed_check_lowers_the_bound_on_summed_end_to_end_errors():
 
 
 def test_a_failed_check_sets_the_worst_site_to_exact_when_planned_on_site_errors():
-    from attnopt.pipeline import _validate_and_tighten
+    from attnopt.cost_model.planning import PlanProblem
+    from attnopt.pipeline.validation import validate_and_tighten
 
     sites = _sites(4, heads=32, seq=8192, head_dim=128)
     cands = _two_speed_candidates(sites, end_to_end=None)
@@ -345,6 +349,6 @@ def test_a_failed_check_sets_the_worst_site_to_exact_when_planned_on_site_errors
         return 0.01 * sum(e.family != "exact" for e in p.entries)
 
     check.calls = 1
-    got, steps = _validate_and_tighten(sites, cands, budget, plan, check, kwargs)
+    got, steps = validate_and_tighten(PlanProblem.create(sites, cands, budget, **kwargs), plan, check)
     assert all("set to exact, re-solved" in s for s in steps[:-1]) and steps[-1].startswith("validated")
     assert sum(e.family != "exact" for e in got.entries) == 1
