@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from attnopt.patterns.canon import Op, node_shape
 from attnopt.patterns.context import GraphContext
-from attnopt.patterns.matchers import MaskTerm, SiteMatch
+from attnopt.patterns.records import MaskTerm, SiteMatch
 
 __all__ = ["match_mha_functional", "MHA_SIGNATURE"]
 
