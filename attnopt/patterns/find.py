@@ -17,7 +17,8 @@ import torch.fx as fx
 from attnopt.patterns.canon import canon, node_dtype, relink_inplace_uses
 from attnopt.patterns.context import GraphContext
 from attnopt.patterns.masks import additive_to_allowed, causal_allowed, classify_allowed
-from attnopt.patterns.matchers import MATCHERS, SiteMatch
+from attnopt.patterns.records import SiteMatch
+from attnopt.patterns.rules import by_anchor
 from attnopt.patterns.site import AttentionSite
 from attnopt.patterns.walk import find_projection, linear_input, projection_path, strip_identity
 
@@ -42,10 +43,7 @@ def find_sites_in_graph(ctx: GraphContext, module_paths: dict[str, str] | None =
     """
     relink_inplace_uses(ctx.gm)  # in-place ops in dataflow form before any walk reads the graph
     matches: list[SiteMatch] = []
-    by_kind = defaultdict(list)
-    for m in MATCHERS:
-        for a in m.anchors:
-            by_kind[a].append(m)
+    by_kind = by_anchor()
     claimed: set[fx.Node] = set()
     for node in ctx.graph.nodes:
         op = canon(node, ctx.gm)
