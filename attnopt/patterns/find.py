@@ -20,6 +20,7 @@ from attnopt.patterns.masks import additive_to_allowed, causal_allowed, classify
 from attnopt.patterns.records import SiteMatch
 from attnopt.patterns.rules import by_anchor
 from attnopt.patterns.site import AttentionSite
+from attnopt.patterns.spec import site_problems
 from attnopt.patterns.walk import find_projection, linear_input, projection_path, strip_identity
 
 __all__ = ["find_sites_in_graph", "assign_names", "prefix_sites", "META_KEY"]
@@ -39,7 +40,8 @@ def find_sites_in_graph(ctx: GraphContext, module_paths: dict[str, str] | None =
             module stack is missing, e.g. symbolic_trace of a plain function).
 
     Returns:
-        Sites with ``site.graph`` set to the :class:`SiteMatch` the rewriter needs.
+        Sites with ``site.graph`` set to the :class:`SiteMatch` the rewriter needs; every
+        rewritable one passes :func:`attnopt.patterns.spec.check_site`.
     """
     relink_inplace_uses(ctx.gm)  # in-place ops in dataflow form before any walk reads the graph
     matches: list[SiteMatch] = []
@@ -58,8 +60,26 @@ def find_sites_in_graph(ctx: GraphContext, module_paths: dict[str, str] | None =
     sites = [_to_site(ctx, m) for m in matches]
     assign_names(sites)
     for s in sites:
+        _keep_if_invalid(s)
         s.graph.output.meta[META_KEY] = s
     return sites
+
+
+def _keep_if_invalid(site: AttentionSite) -> None:
+    """Keep a site that breaks the spec (:mod:`attnopt.patterns.spec`) out of rewriting.
+
+    A broken match is a matcher's mistake about one site, not the model's: the model keeps its
+    own code there (always correct) while the other sites are still optimised, and
+    ``find_sites`` can still list it, with the problems as its reason. Raising instead would
+    make a whole model unusable for one odd site.
+    """
+    problems = site_problems(site)
+    if not problems:
+        return
+    log.warning("attnopt: site %s breaks the site spec and is kept as is: %s", site.name, "; ".join(problems))
+    if site.rewritable:
+        site.rewritable = False
+        site.reason = f"the match breaks the site spec: {'; '.join(problems)}"
 
 
 def prefix_sites(sites: list[AttentionSite], prefix: str) -> None:
