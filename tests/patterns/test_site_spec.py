@@ -224,3 +224,19 @@ def test_find_keeps_a_match_that_breaks_the_spec_out_of_rewriting(monkeypatch, c
         (site,) = attnopt.find_sites(GQA(), *_qkv(8, 2))
     assert not site.rewritable and "breaks the site spec" in site.reason and "divisible" in site.reason
     assert site.name in caplog.text
+
+
+def test_rewriting_checks_its_sites_before_changing_the_graph() -> None:
+    from attnopt.rewriter.rewrite import Choice, rewrite_graph
+
+    q, k, v = _qkv(8, 2)
+    gm, flat = capture(GQA(), (q, k, v), methods=["export"]).graphs[0]
+    (site,) = find_sites_in_graph(GraphContext(gm, flat))
+    before = [str(n.target) for n in gm.graph.nodes]
+    site.num_kv_heads = 4  # edited after matching: the match still says 2
+    with pytest.raises(ValueError, match="num_kv_heads to agree with the graph match"):
+        rewrite_graph(gm, [site], {site.name: Choice("exact")})
+    assert [str(n.target) for n in gm.graph.nodes] == before
+    site.num_kv_heads = 2
+    assert rewrite_graph(gm, [site], {site.name: Choice("exact")}) == 1
+    torch.testing.assert_close(gm(*flat)[0] if isinstance(gm(*flat), tuple) else gm(*flat), GQA()(q, k, v))
