@@ -17,8 +17,10 @@ import torch.fx as fx
 from attnopt.patterns.canon import canon, node_dtype, relink_inplace_uses
 from attnopt.patterns.context import GraphContext
 from attnopt.patterns.masks import additive_to_allowed, causal_allowed, classify_allowed
-from attnopt.patterns.matchers import MATCHERS, SiteMatch
+from attnopt.patterns.records import SiteMatch
+from attnopt.patterns.rules import by_anchor
 from attnopt.patterns.site import AttentionSite
+from attnopt.patterns.spec import site_problems
 from attnopt.patterns.walk import find_projection, linear_input, projection_path, strip_identity
 
 __all__ = ["find_sites_in_graph", "assign_names", "prefix_sites", "META_KEY"]
@@ -38,14 +40,12 @@ def find_sites_in_graph(ctx: GraphContext, module_paths: dict[str, str] | None =
             module stack is missing, e.g. symbolic_trace of a plain function).
 
     Returns:
-        Sites with ``site.graph`` set to the :class:`SiteMatch` the rewriter needs.
+        Sites with ``site.graph`` set to the :class:`SiteMatch` the rewriter needs; every
+        rewritable one passes :func:`attnopt.patterns.spec.check_site`.
     """
     relink_inplace_uses(ctx.gm)  # in-place ops in dataflow form before any walk reads the graph
     matches: list[SiteMatch] = []
-    by_kind = defaultdict(list)
-    for m in MATCHERS:
-        for a in m.anchors:
-            by_kind[a].append(m)
+    by_kind = by_anchor()
     claimed: set[fx.Node] = set()
     for node in ctx.graph.nodes:
         op = canon(node, ctx.gm)
@@ -60,8 +60,26 @@ def find_sites_in_graph(ctx: GraphContext, module_paths: dict[str, str] | None =
     sites = [_to_site(ctx, m) for m in matches]
     assign_names(sites)
     for s in sites:
+        _keep_if_invalid(s)
         s.graph.output.meta[META_KEY] = s
     return sites
+
+
+def _keep_if_invalid(site: AttentionSite) -> None:
+    """Keep a site that breaks the spec (:mod:`attnopt.patterns.spec`) out of rewriting.
+
+    A broken match is a matcher's mistake about one site, not the model's: the model keeps its
+    own code there (always correct) while the other sites are still optimised, and
+    ``find_sites`` can still list it, with the problems as its reason. Raising instead would
+    make a whole model unusable for one odd site.
+    """
+    problems = site_problems(site)
+    if not problems:
+        return
+    log.warning("attnopt: site %s breaks the site spec and is kept as is: %s", site.name, "; ".join(problems))
+    if site.rewritable:
+        site.rewritable = False
+        site.reason = f"the match breaks the site spec: {'; '.join(problems)}"
 
 
 def prefix_sites(sites: list[AttentionSite], prefix: str) -> None:

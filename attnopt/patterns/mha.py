@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from attnopt.patterns.canon import Op, node_shape
 from attnopt.patterns.context import GraphContext
-from attnopt.patterns.matchers import MaskTerm, SiteMatch
+from attnopt.patterns.matchutil import is_bool
+from attnopt.patterns.records import MaskTerm, SiteMatch
 
 __all__ = ["match_mha_functional", "MHA_SIGNATURE"]
 
@@ -64,10 +65,10 @@ def match_mha_functional(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch 
         out_form="mha",
     )
     if isinstance(a["attn_mask"], fx.Node) and not m.is_causal:
-        m.mask_terms.append(MaskTerm(a["attn_mask"], "drop" if _is_bool(a["attn_mask"]) else "add"))
+        m.mask_terms.append(MaskTerm(a["attn_mask"], "drop" if is_bool(a["attn_mask"]) else "add"))
     if isinstance(a["key_padding_mask"], fx.Node):
         m.mask_terms.append(
-            MaskTerm(a["key_padding_mask"], "drop_keys" if _is_bool(a["key_padding_mask"]) else "add_keys")
+            MaskTerm(a["key_padding_mask"], "drop_keys" if is_bool(a["key_padding_mask"]) else "add_keys")
         )
     weights_used = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
     if a["need_weights"] and weights_used:
@@ -80,11 +81,3 @@ def match_mha_functional(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch 
         )
     m.internal = {node}
     return m
-
-
-def _is_bool(node: fx.Node) -> bool:
-    import torch
-
-    from attnopt.patterns.canon import node_dtype
-
-    return node_dtype(node) == torch.bool

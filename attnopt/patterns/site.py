@@ -20,12 +20,24 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AttentionSite", "MASK_KINDS"]
+__all__ = ["AttentionSite", "MASK_KINDS", "LAYOUTS", "PROJECTION_KEYS", "UNKNOWN_SIZE"]
 
 #: The mask kinds a site can carry. ``padding`` is a key-padding mask that comes from the
 #: model's inputs (possibly combined with causal); ``tensor`` any other mask the model computes;
 #: ``bias`` an additive bias that is not a mask (relative position, ALiBi).
 MASK_KINDS = ("none", "causal", "sliding_window", "padding", "tensor", "bias")
+
+#: How the model laid q out before folding: ``(B, H, N, D)``, ``(B, N, H, D)``, ``(B*H, N, D)``,
+#: ``nn.MultiheadAttention``'s sequence-first ``(N, B, E)``, or an einsum's letter order.
+LAYOUTS = ("bhnd", "bnhd", "(bh)nd", "nbe", "einsum")
+
+#: Keys of :attr:`AttentionSite.projections`: separate q/k/v projections or one packed ``qkv``,
+#: and the output projection ``o``.
+PROJECTION_KEYS = ("q", "k", "v", "o", "qkv")
+
+#: What ``batch``/``q_len``/``kv_len`` hold when capture left the size symbolic with no example
+#: value to read (see :func:`attnopt.patterns.canon.node_shape`).
+UNKNOWN_SIZE = -1
 
 
 @dataclass
@@ -41,7 +53,8 @@ class AttentionSite:
         num_heads: query heads.
         num_kv_heads: key/value heads (``< num_heads`` for GQA/MQA after folding repeat_kv).
         head_dim: query/key head dimension; ``head_dim_v`` the value head dimension.
-        q_len, kv_len, batch: sizes seen in the example call.
+        q_len, kv_len, batch: sizes seen in the example call (:data:`UNKNOWN_SIZE` when symbolic
+            without an example value).
         causal: whether a causal constraint applies (alone or under a window/padding mask).
         window: sliding-window size when ``mask == "sliding_window"``.
         cross: cross-attention (keys/values come from another sequence than queries).
@@ -50,7 +63,7 @@ class AttentionSite:
         mask_static: the mask depends only on shapes and constants, never on input values;
             such a mask may be replaced by its kind once checked at a given shape.
         dropout: attention dropout probability active in the captured graph.
-        layout: how the model laid q out before folding: ``"bhnd"``, ``"bnhd"`` or ``"(bh)nd"``.
+        layout: how the model laid q out before folding, one of :data:`LAYOUTS`.
         dtype: dtype of q in the example call.
         rewritable: whether attnopt may replace the site; when False ``reason`` says why and the
             site keeps the model's own code.
@@ -58,6 +71,10 @@ class AttentionSite:
         projections: module paths of the q/k/v/output projections when the graph shows them
             (keys ``"q"``, ``"k"``, ``"v"``, ``"o"``, or ``"qkv"`` for a packed projection).
         graph: capture-time references into the graph (nodes); never serialised.
+
+    The invariants every site keeps (heads divide evenly, a finite nonzero scale, positive
+    sizes, a window exactly on sliding-window masks, ...) are checked by
+    :func:`attnopt.patterns.spec.check_site`.
     """
 
     name: str

@@ -22,6 +22,7 @@ from attnopt.codegen.ops import op_for
 from attnopt.patterns.canon import is_assertion, node_dtype
 from attnopt.patterns.matchers import SiteMatch
 from attnopt.patterns.site import AttentionSite
+from attnopt.patterns.spec import check_sites
 
 __all__ = ["Choice", "rewrite_graph", "RewriteError"]
 
@@ -210,6 +211,7 @@ def _retarget_mha(
 
 def rewrite_graph(gm: fx.GraphModule, sites: list[AttentionSite], choices: dict[str, Choice]) -> int:
     """Rewrite every rewritable site that has a choice; returns how many were rewritten."""
+    check_sites(s for s in sites if s.rewritable and choices.get(s.name) is not None)
     n = 0
     for site in sites:
         choice = choices.get(site.name)
