@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from attnopt.codegen.ops import op_for
 from attnopt.patterns.canon import is_assertion, node_dtype
-from attnopt.patterns.matchers import SiteMatch
+from attnopt.patterns.records import SiteMatch
 from attnopt.patterns.site import AttentionSite
 from attnopt.patterns.spec import check_sites
 
