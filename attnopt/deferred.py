@@ -18,12 +18,13 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from attnopt._steps import timed
 
 __all__ = ["DEFAULT_CALLS", "defer_optimize", "is_planning_pending"]
 
@@ -120,9 +121,10 @@ class _Recorder:
         if progress:
             print(f"attnopt: planning {type(model).__name__} on its first {len(self.calls)} call(s)...",
                   file=sys.stderr)
-        t = time.perf_counter()
+        took: dict[str, float] = {}
         try:
-            self.optimize(model, self.budget, self.calls, **self.kwargs)
+            with timed(took, "plan"):
+                self.optimize(model, self.budget, self.calls, **self.kwargs)
         except Exception as e:  # noqa: BLE001 - a failed deferred plan must leave the model working
             self.undo(model)
             model.__dict__.pop("_attnopt_plan", None)
@@ -135,7 +137,7 @@ class _Recorder:
             return
         plan = getattr(model, "_attnopt_plan", None)
         if progress and plan is not None:
-            print(f"attnopt: planned in {time.perf_counter() - t:.1f} s: {plan.headline()}", file=sys.stderr)
+            print(f"attnopt: planned in {took['plan']:.1f} s: {plan.headline()}", file=sys.stderr)
 
 
 def _parameters(fn: Any) -> set[str]:

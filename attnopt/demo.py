@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import time
 from dataclasses import dataclass
 
 import torch
@@ -164,15 +163,11 @@ class DemoResult:
 
 
 def _time_forward(model, calls, repeats: int = 3) -> float:
+    """Median milliseconds per call of ``model`` over ``calls`` (one warm-up pass)."""
+    from attnopt.cost_model._timing import median_time
+
     with torch.no_grad():
-        model(**calls[0])
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for c in calls:
-                model(**c)
-            times.append((time.perf_counter() - t) / len(calls))
-    return sorted(times)[len(times) // 2] * 1e3
+        return median_time(lambda: [model(**c) for c in calls], warmup=1, repeats=repeats) / len(calls) * 1e3
 
 
 def run_demo(budget: str = "2x", seq: int = 2048, n_calib: int = 4, quiet: bool = False) -> DemoResult:

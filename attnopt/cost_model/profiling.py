@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from attnopt._steps import timed
 from attnopt.codegen import load_kernels  # re-exported: the one kernel loader
 from attnopt.cost_model._timing import median_time, synchronize
 from attnopt.cost_model.device import (
@@ -344,7 +345,18 @@ def profile_device(
     profile = None if refresh else load_cached_profile(name, cache_dir)
     if profile is not None and all(_measured(profile, f) or (name, f) in _FAILED for f in wanted):
         return profile
-    start = time.perf_counter()
+    took: dict[str, float] = {}
+    with timed(took, "profile"):
+        profile = _measure_profile(profile, dev, name, wanted)
+    profile.source = f"measured by attnopt.cost_model.profile_device in {took['profile']:.1f} s"
+    save_profile(profile, cache_dir)
+    return profile
+
+
+def _measure_profile(
+    profile: DeviceProfile | None, dev: torch.device, name: str, wanted: list[str]
+) -> DeviceProfile:
+    """``profile`` (a cached one, or None for a new one) with every ``wanted`` family measured on ``dev``."""
     if profile is None:
         profile = DeviceProfile(
             name=name,
@@ -382,8 +394,6 @@ def profile_device(
             if score_s > 0:
                 profile.score_ns[key] = round(score_s * 1e9, 6)
     synchronize(dev)
-    profile.source = f"measured by attnopt.cost_model.profile_device in {time.perf_counter() - start:.1f} s"
-    save_profile(profile, cache_dir)
     return profile
 
 
