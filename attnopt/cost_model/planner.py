@@ -1,4 +1,7 @@
-"""Choose one candidate per site: one exact assignment problem over all sites.
+"""The solver: choose one candidate per site, as one exact assignment problem over all sites.
+
+(:mod:`~attnopt.cost_model.planning` builds the problem and turns the solution into a plan;
+this module only solves it.)
 
 The planner sees candidates only through :class:`Option` records (seconds, error). With
 ``x[s, j] = 1`` when site ``s`` takes option ``j``:
