@@ -19,7 +19,6 @@ import torch
 
 from attnopt._steps import timed
 from attnopt.calibration.engine import calibrate
-from attnopt.calibration.stats import CalibrationConfig
 from attnopt.cost_model._timing import median_time
 from attnopt.cost_model.plan import Plan
 from attnopt.cost_model.planning import PlanProblem, exact_plan
@@ -56,25 +55,13 @@ class PlanRun:
     first_call: tuple[tuple, dict] = ((), {})
 
 
-def run_plan(
-    model: torch.nn.Module,
-    budget: Any,
-    calib: Iterable[Any] | None,
-    *,
-    families: Sequence[str] | None = None,
-    exclude: Exclude | None = (),
-    target: str | None = None,
-    measure: bool | str | None = None,
-    validate: bool = True,
-    calibration: CalibrationConfig | None = None,
-    progress: bool = True,
-) -> PlanRun:
-    """Capture, calibrate and plan ``model`` (see :func:`attnopt.plan`); leaves exact ops installed."""
-    request = PlanRequest.create(
-        model, budget, calib, families=families, exclude=exclude, target=target, measure=measure,
-        validate=validate, calibration=calibration, progress=progress,
-    )  # fmt: skip
-    return plan_model(model, request)
+def run_plan(model: torch.nn.Module, budget: Any, calib: Iterable[Any] | None, **options: Any) -> PlanRun:
+    """Capture, calibrate and plan ``model`` (see :func:`attnopt.plan`); leaves exact ops installed.
+
+    ``options`` are :meth:`PlanRequest.create`'s: ``families``, ``exclude``, ``target``,
+    ``measure``, ``validate``, ``calibration``, ``progress``.
+    """
+    return plan_model(model, PlanRequest.create(model, budget, calib, **options))
 
 
 def plan_model(model: torch.nn.Module, request: PlanRequest) -> PlanRun:
