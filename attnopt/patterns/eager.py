@@ -96,55 +96,26 @@ def _matmul_match(ctx, anchor, scores: Scores, qk_op: Op, pv: fx.Node, pv_op: Op
         if rep != rep_v:
             k_base, v_base = k_pre, v
         ks, vbs = node_shape(k_base), node_shape(v_base)
-        kv_len = ks[2] if k_is_t else ks[3]
-        return SiteMatch(
-            pattern="eager_softmax",
-            anchor=anchor,
-            output=pv,
-            q=q,
-            k=k_base,
-            v=v_base,
-            scale=scale * hidden,
-            op_scale=scale,
-            num_heads=qs[1],
-            num_kv_heads=ks[1],
-            head_dim=qs[3],
-            head_dim_v=vbs[3],
-            batch=qs[0],
-            q_len=qs[2],
-            kv_len=kv_len,
-            k_transposed=not k_is_t,
-        )
-    # (B*H, N, D): recover the head count from how q was laid out.
-    bh, nq, d = qs
-    heads = scores.regroup[1] if scores.regroup else (_heads_from_layout(q, d, ctx) or 1)
-    batch = bh // heads if bh % heads == 0 else bh
-    heads = heads if bh % heads == 0 else 1
-    ks = node_shape(k_pre)
-    kv_len = ks[1] if k_is_t else ks[2]
-    form = ("bh", batch, heads)
+        layout = dict(
+            k=k_base, v=v_base, num_heads=qs[1], num_kv_heads=ks[1], head_dim=qs[3], head_dim_v=vbs[3],
+            batch=qs[0], q_len=qs[2], kv_len=ks[2] if k_is_t else ks[3],
+        )  # fmt: skip
+    else:
+        # (B*H, N, D): recover the head count from how q was laid out.
+        bh, nq, d = qs
+        heads = scores.regroup[1] if scores.regroup else (_heads_from_layout(q, d, ctx) or 1)
+        batch = bh // heads if bh % heads == 0 else bh
+        heads = heads if bh % heads == 0 else 1
+        ks = node_shape(k_pre)
+        form = ("bh", batch, heads)
+        layout = dict(
+            k=k_pre, v=v, num_heads=heads, num_kv_heads=heads, head_dim=d, head_dim_v=vs[-1], batch=batch,
+            q_len=nq, kv_len=ks[1] if k_is_t else ks[2], q_form=form, k_form=form, v_form=form, out_form=form,
+        )  # fmt: skip
     return SiteMatch(
-        pattern="eager_softmax",
-        anchor=anchor,
-        output=pv,
-        q=q,
-        k=k_pre,
-        v=v,
-        scale=scale * hidden,
-        op_scale=scale,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=d,
-        head_dim_v=vs[-1],
-        batch=batch,
-        q_len=nq,
-        kv_len=kv_len,
-        q_form=form,
-        k_form=form,
-        v_form=form,
-        out_form=form,
-        k_transposed=not k_is_t,
-    )
+        pattern="eager_softmax", anchor=anchor, output=pv, q=q, scale=scale * hidden, op_scale=scale,
+        k_transposed=not k_is_t, **layout,
+    )  # fmt: skip
 
 
 def _heads_from_layout(x: Any, d: int, ctx: GraphContext) -> int | None:
