@@ -41,7 +41,6 @@ __all__ = [
     "DEFAULT_CHUNK",
     "SMALL_WINDOW",
     "SMALL_WINDOW_CHUNK",
-    "additive_mask",
     "band_attention",
     "band_chunk",
     "mask_band_edges",
@@ -68,13 +67,16 @@ def band_chunk(window: int) -> int:
     return SMALL_WINDOW_CHUNK if window <= SMALL_WINDOW else DEFAULT_CHUNK
 
 
-def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Bool (True = attend) or additive mask as an additive float mask (same shape; broadcast dims stay 1)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, _NEG_INF)
-    return mask.to(dtype)
+def _apply_mask(scores: torch.Tensor, tile: torch.Tensor) -> None:
+    """Apply an extra mask tile in place: bool (True = attend) hides with -inf, a float mask is added.
+
+    Bool masks stay bool until a tile of them is used, so a per-head ``(B, H, Nq, Nk)`` bool mask
+    never becomes an ``Nq x Nk`` float copy.
+    """
+    if tile.dtype == torch.bool:
+        scores.masked_fill_(~tile, _NEG_INF)
+    else:
+        scores.add_(tile)
 
 
 def visible_keys(
@@ -186,8 +188,9 @@ def band_attention(
         )
     if out is None or not out.is_contiguous():
         out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
-    mask = additive_mask(attn_mask, q.dtype)
-    if mask is not None:
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
         mask = mask.expand(b, hq, nq, nk)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     job = _BandCall(
@@ -277,7 +280,7 @@ class _BandCall:
             if causal:
                 mask_band_edges(scores[..., ns:], s, e, lo, hi, self.offset, window, sink)
             if mh is not None:
-                scores.add_(mh[:, s:e].index_select(-1, keys) if ns else mh[:, s:e, lo:hi])
+                _apply_mask(scores, mh[:, s:e].index_select(-1, keys) if ns else mh[:, s:e, lo:hi])
             row_max = scores.amax(dim=-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)
             p = scores.sub_(row_max).exp_()
             acc = torch.matmul(p, vs)
@@ -370,7 +373,7 @@ def _sink_bias(
 
 
 def _add_band_mask(s, mh, row0: int, key0: int, n: int, chunk: int, band: int, extra: int) -> None:
-    """Add the extra mask's band entries (``mh``: ``(G, Nq, Nk)``) to the score tile, as strided views (no gather)."""
+    """Apply the extra mask's band entries (``mh``: ``(G, Nq, Nk)``) to the score tile, as strided views (no gather)."""
     g = mh.shape[0]
     for gi in range(g):
         m = mh[gi]
@@ -378,7 +381,7 @@ def _add_band_mask(s, mh, row0: int, key0: int, n: int, chunk: int, band: int, e
         view = m.as_strided(
             (n, chunk, band), (chunk * (sr + sc), sr, sc), m.storage_offset() + row0 * sr + key0 * sc
         )
-        s[:, :, extra:].view(n, g, chunk, band)[:, gi].add_(view)
+        _apply_mask(s[:, :, extra:].view(n, g, chunk, band)[:, gi], view)
         if extra:
             sview = m.as_strided((n, chunk, extra), (chunk * sr, sr, sc), m.storage_offset() + row0 * sr)
-            s[:, :, :extra].view(n, g, chunk, extra)[:, gi].add_(sview)
+            _apply_mask(s[:, :, :extra].view(n, g, chunk, extra)[:, gi], sview)
