@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from attnopt.codegen.cpu.band import band_attention
 from attnopt.codegen.ops import AttentionCall, register_kernel
 from attnopt.patterns.masks import additive_to_allowed, causal_allowed, merge_allowed, window_allowed
-from attnopt.replacements.linear import LinearConfig, hedgehog_features, linear_reference
+from attnopt.replacements.linear import LinearConfig, hedgehog_features, linear_reference, normalise_rows
 
 __all__ = ["linear_attention_cpu", "linear_kernel"]
 
@@ -151,7 +151,7 @@ def linear_attention_cpu(
             )  # fmt: skip
             acc = acc + band.reshape(b, hkv, groups, nq, dv + 1)
     num, den = acc[..., :dv], acc[..., dv:]
-    out = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+    out = normalise_rows(num, den)
     return out.reshape(b, hq, nq, dv)
 
 
