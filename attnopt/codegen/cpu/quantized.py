@@ -69,7 +69,7 @@ def quantized_attention_cpu(
     if hq % hkv:
         raise ValueError(f"Expected query heads divisible by key/value heads, but got {hq} and {hkv}.")
     groups = hq // hkv
-    k32 = smooth_keys(k.float()) if cfg.smooth_k else k.float()
+    k32 = smooth_keys(k) if cfg.smooth_k else k.float()
     q_vals, q_scales = quantize_blocks(q.float() * scale, cfg.q_block, cfg.qk_format)
     k_vals, k_scales = quantize_blocks(k32, cfg.k_block, cfg.qk_format)
     mm_dtype = _matmul_dtype(cfg, d)
