@@ -4,7 +4,9 @@ Both paths are written as a few large batched matmuls because that is what a 2-c
 near its peak (the CPU flash kernel on small masked blocks runs at a fifth of it):
 
 * **band** (static sinks + sliding window, causal): :mod:`attnopt.codegen.cpu.band`, the banded
-  softmax every windowed CPU kernel shares; per-head windows run in one call.
+  softmax every windowed CPU kernel shares; per-head windows run in one call. Its chunk knobs
+  (``DEFAULT_CHUNK``, ``SMALL_WINDOW``, ``SMALL_WINDOW_CHUNK``) are re-exported here for
+  readers; they live, and are read at call time, in that module.
 * **layout** (dynamic selection, skip-softmax, any :class:`BlockLayout`):
   :mod:`attnopt.codegen.cpu.layout`.
 
