@@ -17,8 +17,9 @@ What a ``quantized`` candidate computes, step by step (``quantized_reference`` s
 
 This is the one definition: the Triton kernels (:mod:`attnopt.codegen.triton.quantized`, the
 sparse+quantized mode of :mod:`attnopt.codegen.triton.block_sparse`) and the CPU emulation in
-:mod:`attnopt.codegen.cpu.quantized` import these pieces and are tested against this reference. FLOPs equal dense attention; only bytes and the
-per-format throughput differ, and the cost model reads the format from the config.
+:mod:`attnopt.codegen.cpu.quantized` import these pieces and are tested against this reference.
+FLOPs equal dense attention; only bytes and the per-format throughput differ, and the cost model
+reads the format from the config.
 """
 
 from __future__ import annotations
