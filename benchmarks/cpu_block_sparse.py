@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import attnopt.codegen.cpu.block_sparse as cpu_bs
+from attnopt.codegen.cpu import band
 from attnopt.codegen.ops import AttentionCall
 from attnopt.replacements.block_layout import ElementRule
 from attnopt.replacements.block_sparse import BlockSparseConfig, dynamic_layout
@@ -178,16 +179,16 @@ def main() -> None:
         name = f"codelm shape sink=4 windows={list(windows)}"
         rows.append(run_case(name, 2048, cfg, args.pairs, heads=4, kv_heads=2))
     if args.sweep:
-        default = cpu_bs.DEFAULT_CHUNK
+        default = band.DEFAULT_CHUNK  # the band engine reads its own knob at call time
         for chunk in (32, 64, 128, 256):
-            cpu_bs.DEFAULT_CHUNK = chunk
+            band.DEFAULT_CHUNK = chunk
             rows.append(
                 {
                     **run_case(f"static window=512 N=4096 chunk={chunk}", 4096, static, args.pairs),
                     "chunk": chunk,
                 }
             )
-        cpu_bs.DEFAULT_CHUNK = default
+        band.DEFAULT_CHUNK = default
     if args.single_thread_too:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -210,7 +211,7 @@ def main() -> None:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "pairs": args.pairs,
-        "band_chunk": cpu_bs.DEFAULT_CHUNK,
+        "band_chunk": band.DEFAULT_CHUNK,
     }
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,13 +31,22 @@ from attnopt.patterns.masks import causal_allowed, repeat_kv_heads
 from attnopt.replacements.base import SYMBOLS, Candidate, CostFormula, Family, FamilyConfig, register_family
 
 __all__ = [
+    "LINEAR_EPS",
     "LinearConfig",
     "LinearFamily",
     "fit_feature_maps",
     "hedgehog_features",
     "init_feature_maps",
+    "linear_feature_reference",
     "linear_reference",
+    "normalise_rows",
 ]
+
+#: What linear attention adds to its normaliser ``Σ_j w_ij`` before dividing: nothing. The
+#: variant's meaning is the plain ratio; a row whose total weight is 0 (every key hidden) gives 0
+#: rather than 0/0 (:func:`normalise_rows`). The reference, the CPU kernel and the Triton kernel
+#: all default to this value, so measured errors and kernel outputs mean the same function.
+LINEAR_EPS: float = 0.0
 
 # Fitting budget: the first sequences and a prefix of each, so a site fits in seconds on a CPU
 # (the loss is O(sequences * heads * query_samples * keys * 2F) per step).
@@ -118,55 +127,95 @@ def _mask_weights(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     return torch.exp(attn_mask.float())
 
 
-def _hybrid_weights(
-    q: torch.Tensor,
-    k: torch.Tensor,
+def normalise_rows(num: torch.Tensor, den: torch.Tensor, eps: float = LINEAR_EPS) -> torch.Tensor:
+    """``num / (den + eps)`` row by row, and 0 where that total is 0 (rows that see no key).
+
+    ``den`` holds each row's total weight with a trailing dim of 1. Every linear kernel finishes
+    with this, so they agree on the normaliser (:data:`LINEAR_EPS`) and on empty rows.
+    """
+    total = den + eps
+    return torch.where(total > 0, num / total.clamp_min(1e-30), torch.zeros_like(num))
+
+
+def _linear_weights(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
-    mask: torch.Tensor | None,
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    pos: torch.Tensor,
     *,
     scale: float,
+    causal: bool,
     window: int,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unnormalised hybrid weights ``(B, H, Nq, Nk)``: exact inside the window, linear before it.
+    """Unnormalised weights ``(..., Nq', Nk)`` of queries at key positions ``pos`` ``(Nq',)``, masks aside.
 
-    The window's row max ``m_i`` is taken over the keys the mask leaves visible (weight > 0).
+    Without a window: ``φ_q·φ_k`` for keys ``j <= pos`` when causal, every key otherwise. With one
+    (causal by definition): ``exp(s - m)`` for the window keys ``pos - window < j <= pos``, ``m``
+    the max of ``s = scale · q·k`` over the window keys ``visible`` leaves (all when None), and
+    ``φ_q·φ_k`` for the keys ``j <= pos - window`` before it. ``phi_k``/``k`` already have one head
+    per query head. The one statement of the variant's weights: the reference and the fit use it.
     """
-    nq, nk = q.shape[-2], k.shape[-2]
-    t = torch.arange(nq)[:, None] + (nk - nq)
-    j = torch.arange(nk)[None, :]
-    in_window = (j <= t) & (j > t - window)
-    linear_part = j <= t - window
+    j = torch.arange(phi_k.shape[-2], device=phi_k.device)[None, :]
+    p = pos[:, None]
+    lin = phi_q @ phi_k.transpose(-1, -2)
+    if not window:
+        return lin * (j <= p) if causal else lin
+    in_window = (j <= p) & (j > p - window)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    visible = in_window if mask is None else in_window & (mask > 0)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    seen = in_window if visible is None else in_window & visible
+    scores = scores.masked_fill(~seen, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
-    exact = torch.exp(scores - row_max)
-    lin = (phi_q @ phi_k.transpose(-1, -2)) * linear_part
-    return exact + lin
+    return torch.exp(scores - row_max) + lin * (j <= p - window)
 
 
-def _weights(
-    q, k, params, config: LinearConfig, mask: torch.Tensor | None, *, scale: float, causal: bool
+def linear_feature_reference(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    eps: float = LINEAR_EPS,
 ) -> torch.Tensor:
-    """Unnormalised attention weights ``(B, Hq, Nq, Nk)`` of the variant, every mask applied."""
-    heads = q.shape[1]
-    w_q, b_q, w_k, b_k = params
-    phi_q = hedgehog_features(q, w_q, b_q)
-    phi_k = repeat_kv_heads(hedgehog_features(k, w_k, b_k), heads)
-    if config.window:
-        if not causal:
-            raise ValueError(
-                f"Expected a causal site for the hybrid window={config.window}, but got causal=False. "
-                "Use window=0 for non-causal attention."
-            )
-        k_rep = repeat_kv_heads(k, heads)
-        weights = _hybrid_weights(q, k_rep, phi_q, phi_k, mask, scale=scale, window=config.window)
-    else:
-        weights = phi_q @ phi_k.transpose(-1, -2)
-        if causal:
-            weights = weights * causal_allowed(q.shape[-2], k.shape[-2], q.device)
-    return weights if mask is None else weights * mask
+    """Linear (or hybrid) attention from given features, in quadratic form: the variant below its feature map.
+
+    Args:
+        phi_q: ``(B, Hq, Nq, F)``; phi_k: ``(B, Hkv, Nk, F)``, non-negative; v: ``(B, Hkv, Nk, Dv)``.
+        causal: bottom-right aligned causal constraint (a window implies it).
+        window: the exact window (keys up to and including the diagonal), or None/0 for none.
+        q, k: ``(B, Hq, Nq, D)``/``(B, Hkv, Nk, D)``, the raw inputs of the window's softmax scores.
+        scale: their softmax scale; ``D ** -0.5`` when None.
+        attn_mask: bool or additive, broadcastable to ``(B, Hq, Nq, Nk)``; it multiplies the weights.
+        eps: added to the normaliser (:data:`LINEAR_EPS`, the family's, unless experimenting).
+
+    Returns:
+        ``(B, Hq, Nq, Dv)`` float32; rows with zero total weight are zero.
+
+    Raises:
+        ValueError: for a window without ``q`` and ``k``.
+    """
+    heads, nq, nk = phi_q.shape[1], phi_q.shape[-2], phi_k.shape[-2]
+    if window and (q is None or k is None):
+        raise ValueError(f"Expected q and k for the hybrid window={window}, but got none. Pass q=..., k=....")
+    if window:
+        k = repeat_kv_heads(k, heads)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = _mask_weights(attn_mask)
+    pos = torch.arange(nq, device=phi_q.device) + (nk - nq)
+    weights = _linear_weights(
+        phi_q.float(), repeat_kv_heads(phi_k.float(), heads), q, k, pos, scale=scale, causal=causal,
+        window=int(window or 0), visible=None if mask is None else mask > 0,
+    )  # fmt: skip
+    if mask is not None:
+        weights = weights * mask
+    out = weights @ repeat_kv_heads(v.float(), heads)
+    return normalise_rows(out, weights.sum(dim=-1, keepdim=True), eps)
 
 
 def linear_reference(
@@ -182,6 +231,8 @@ def linear_reference(
 ) -> torch.Tensor:
     """Linear (or hybrid) attention in quadratic form, written plainly (module docstring).
 
+    Hedgehog features of ``params`` fed to :func:`linear_feature_reference`.
+
     Args:
         q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``; v: ``(B, Hkv, Nk, Dv)``.
         params: ``[W_q (Hq, D, F), b_q (Hq, F), W_k (Hkv, D, F), b_k (Hkv, F)]``.
@@ -192,11 +243,21 @@ def linear_reference(
 
     Returns:
         ``(B, Hq, Nq, Dv)`` float32; rows with zero total weight are zero.
+
+    Raises:
+        ValueError: for a hybrid window on a non-causal call.
     """
-    weights = _weights(q, k, params, config, _mask_weights(attn_mask), scale=scale, causal=causal)
-    denom = weights.sum(dim=-1, keepdim=True)
-    out = weights @ repeat_kv_heads(v.float(), q.shape[1])
-    return torch.where(denom > 0, out / denom.clamp_min(1e-30), torch.zeros_like(out))
+    if config.window and not causal:
+        raise ValueError(
+            f"Expected a causal site for the hybrid window={config.window}, but got causal=False. "
+            "Use window=0 for non-causal attention."
+        )
+    w_q, b_q, w_k, b_k = params
+    phi_q = hedgehog_features(q, w_q, b_q)
+    phi_k = hedgehog_features(k, w_k, b_k)
+    return linear_feature_reference(
+        phi_q, phi_k, v, causal=causal, window=config.window, q=q, k=k, scale=scale, attn_mask=attn_mask
+    )
 
 
 def _fit_rows(stats, config: LinearConfig, gen: torch.Generator):
@@ -259,17 +320,14 @@ def fit_feature_maps(stats, config: LinearConfig, num_kv_heads: int | None = Non
 def _row_loss(params, row, config: LinearConfig, scale: float) -> torch.Tensor:
     q_rows, k, target, allowed, pos = row
     w_q, b_q, w_k, b_k = params
+    heads = q_rows.shape[1]
     phi_q = hedgehog_features(q_rows, w_q, b_q)
-    phi_k = repeat_kv_heads(hedgehog_features(k, w_k, b_k), q_rows.shape[1])
-    weights = phi_q @ phi_k.transpose(-1, -2)
-    if config.window:
-        j = torch.arange(k.shape[-2])[None, :]
-        in_window = (j <= pos[:, None]) & (j > pos[:, None] - config.window)
-        logits = (q_rows @ repeat_kv_heads(k, q_rows.shape[1]).transpose(-1, -2)) * scale
-        visible = in_window if allowed is None else in_window & allowed
-        logits = logits.masked_fill(~visible, float("-inf"))
-        exact = torch.exp(logits - logits.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0))
-        weights = torch.where(in_window, exact, weights * (j <= pos[:, None] - config.window))
+    phi_k = repeat_kv_heads(hedgehog_features(k, w_k, b_k), heads)
+    k_rep = repeat_kv_heads(k, heads) if config.window else None
+    # causality (when the site has it) is in ``allowed``; a window brings its own
+    weights = _linear_weights(
+        phi_q, phi_k, q_rows, k_rep, pos, scale=scale, causal=False, window=config.window, visible=allowed
+    )
     if allowed is not None:
         weights = weights * allowed
     # -Σ_j A_ij log(w_ij / Σ w_i) = log Σ w_i - Σ_j A_ij log w_ij for rows with Σ_j A_ij = 1.

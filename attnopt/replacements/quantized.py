@@ -2,22 +2,24 @@
 
 What a ``quantized`` candidate computes, step by step (``quantized_reference`` spells it out):
 
-1. **K smoothing** (``smooth_k``): subtract K's mean over the sequence, per (batch, kv head,
-   channel). Every score row ``i`` shifts by the constant ``q_i · mean(K)``, which softmax
+1. **K smoothing** (``smooth_k``): subtract K's float32 mean over the sequence, per (batch, kv
+   head, channel). Every score row ``i`` shifts by the constant ``q_i · mean(K)``, which softmax
    ignores, while the outlier channel means that ruin INT8 ranges disappear.
 2. **Per-block symmetric quantisation** of ``Q * scale`` (the softmax scale is folded into Q)
    in blocks of ``q_block`` tokens and of K in blocks of ``k_block`` tokens, each block with one
    scale ``amax / qmax`` (INT8: round to nearest, clamp to ±127; FP8 e4m3: cast after scaling
-   to ±448).
+   to ±448). All-zero blocks get scale 1 (:func:`block_scales`).
 3. **Integer Q·Kᵀ** with exact accumulation, dequantised by the product of the two block scales.
 4. The model's masks (structural causal/window and ``attn_mask``) after dequantisation, then
    softmax statistics in fp32: ``P̃ = exp(S - rowmax)`` in ``[0, 1]`` and ``l = Σ P̃``.
 5. **P̃·V** with P̃ and V rounded to ``pv_format`` (fp16, or fp8 e4m3 with P̃ scaled by 448 and V
    per-channel scaled, as SageAttention2 does), fp32 accumulation, divided by ``l``.
 
-This is the function the GPU kernel (SageAttention-style) and the CPU emulation in
-:mod:`attnopt.codegen.cpu.quantized` compute. FLOPs equal dense attention; only bytes and the
-per-format throughput differ, and the cost model reads the format from the config.
+This is the one definition: the Triton kernels (:mod:`attnopt.codegen.triton.quantized`, the
+sparse+quantized mode of :mod:`attnopt.codegen.triton.block_sparse`) and the CPU emulation in
+:mod:`attnopt.codegen.cpu.quantized` import these pieces and are tested against this reference.
+FLOPs equal dense attention; only bytes and the per-format throughput differ, and the cost model
+reads the format from the config.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ from attnopt.replacements.exact import combined_allowed, dense_cost, repeat_kv_h
 __all__ = [
     "PV_FORMATS",
     "QK_FORMATS",
+    "QK_FORMAT_ALIASES",
     "QuantizedConfig",
     "QuantizedFamily",
+    "block_scales",
+    "key_mean",
+    "qk_format_name",
     "quantize_blocks",
     "quantize_p",
     "quantize_v",
@@ -43,9 +49,15 @@ __all__ = [
     "smooth_keys",
 ]
 
-#: Q/K formats and the largest magnitude each represents. ``int16`` is for analysis (it
-#: checks that the emulation converges to exact attention); kernels target int8 and fp8.
+#: Q/K formats and the largest magnitude each represents: the one vocabulary of Q·Kᵀ formats
+#: (configs and saved plans store these names; the Triton kernels derive their ``QK_MODE`` from
+#: it). ``int16`` is for analysis (it checks that the emulation converges to exact attention);
+#: kernels target int8 and fp8.
 QK_FORMATS: dict[str, float] = {"int8": 127.0, "int16": 32767.0, "fp8_e4m3": 448.0}
+
+#: Short spellings accepted where a function (not a config) names a format: the Triton kernels'
+#: ``qk_format="fp8"`` predates this vocabulary and stays valid.
+QK_FORMAT_ALIASES: dict[str, str] = {"fp8": "fp8_e4m3"}
 
 #: P/V formats. ``fp32`` leaves P·V unquantised (analysis), ``fp16`` is SageAttention 1,
 #: ``fp8_e4m3`` SageAttention 2 / Hopper.
@@ -98,22 +110,64 @@ class QuantizedConfig(FamilyConfig):
         return f"qk={self.qk_format}/{self.q_block}x{self.k_block} pv={self.pv_format}{smooth}"
 
 
+def qk_format_name(fmt: str) -> str:
+    """``fmt`` as a key of :data:`QK_FORMATS` (aliases such as ``"fp8"`` resolved).
+
+    Raises:
+        ValueError: for a name neither in :data:`QK_FORMATS` nor in :data:`QK_FORMAT_ALIASES`.
+    """
+    name = QK_FORMAT_ALIASES.get(fmt, fmt)
+    if name not in QK_FORMATS:
+        raise ValueError(
+            f"Expected a Q/K format in {sorted(QK_FORMATS)} (or an alias in {sorted(QK_FORMAT_ALIASES)}), "
+            f"but got {fmt!r}. Pick one of the listed formats."
+        )
+    return name
+
+
+def block_scales(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Symmetric quantisation scales ``amax / qmax``, and 1 wherever that is 0.
+
+    The zero-block convention of every quantized kernel (Q/K blocks here, V channels in
+    :func:`quantize_v`, the Triton quantiser alike). An all-zero block quantises to zeros
+    whatever its scale, so outputs never depend on the choice; 1 is this family's long-standing
+    rule, under which every saved plan's measured error was computed, it divides exactly, and
+    unlike a clamp such as ``max(amax, 1e-12)`` it leaves the scale of tiny but nonzero blocks
+    exact (a clamp would coarsen them), while also catching blocks whose ``amax / qmax``
+    underflows to 0 (which would otherwise divide by zero).
+    """
+    scales = amax / qmax
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def key_mean(k: torch.Tensor) -> torch.Tensor:
+    """K's float32 mean over the sequence, ``(B, H, D)``: what K smoothing subtracts."""
+    return k.float().mean(dim=-2)
+
+
 def smooth_keys(k: torch.Tensor) -> torch.Tensor:
-    """``k`` minus its mean over the sequence (dim -2), as a new tensor (never in place).
+    """``k`` minus its mean over the sequence (dim -2), in float32, as a new tensor (never in place).
 
     Softmax is invariant to it: score row ``i`` changes by ``q_i · mean(k)`` for every key alike.
+    Float32 whatever ``k``'s dtype, so a half-precision K loses nothing before quantisation and
+    the fused Triton quantiser (which subtracts :func:`key_mean` in float32) computes the same.
     """
-    return k - k.mean(dim=-2, keepdim=True)
+    return k.float() - key_mean(k).unsqueeze(-2)
 
 
 def quantize_blocks(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-block quantisation along the sequence (dim -2) of ``x`` ``(B, H, N, D)``.
 
+    ``fmt`` is a :data:`QK_FORMATS` name or one of its :data:`QK_FORMAT_ALIASES`. Values are
+    ``x / scale`` rounded to nearest and clamped to ``±qmax`` (int formats), or clamped and cast
+    to e4m3 (fp8).
+
     Returns:
         ``(values, scales)``: ``values`` fp32 holding the quantised numbers (integers for int
         formats, e4m3-representable numbers for fp8) with ``x ≈ values * scale`` of its block;
-        ``scales`` fp32 ``(B, H, ceil(N / block))``. All-zero blocks get scale 1.
+        ``scales`` fp32 ``(B, H, ceil(N / block))`` (:func:`block_scales`: all-zero blocks get 1).
     """
+    fmt = qk_format_name(fmt)
     qmax = QK_FORMATS[fmt]
     b, h, n, d = x.shape
     nblocks = -(-n // block)
@@ -121,7 +175,7 @@ def quantize_blocks(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor
     xf = x.float()
     padded = torch.nn.functional.pad(xf, (0, 0, 0, pad)) if pad else xf
     amax = padded.reshape(b, h, nblocks, block * d).abs().amax(dim=-1)
-    scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scales = block_scales(amax, qmax)
     scaled = xf / scales.repeat_interleave(block, dim=-1)[..., :n, None]
     if fmt == "fp8_e4m3":
         values = scaled.clamp(-qmax, qmax).to(torch.float8_e4m3fn).float()
@@ -154,8 +208,7 @@ def quantize_v(v: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | 
         return v.float(), None
     if fmt == "fp16":
         return v.half().float(), None
-    amax = v.float().abs().amax(dim=-2, keepdim=True)
-    v_scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+    v_scale = block_scales(v.float().abs().amax(dim=-2, keepdim=True), _FP8_MAX)
     v_q = (v.float() / v_scale).to(torch.float8_e4m3fn).float()
     return v_q, v_scale / _FP8_MAX
 
@@ -191,7 +244,7 @@ def quantized_reference(
         tensor(True)
     """
     heads = q.shape[1]
-    k = smooth_keys(k.float()) if config.smooth_k else k.float()
+    k = smooth_keys(k) if config.smooth_k else k.float()
     q_vals, q_scales = quantize_blocks(q.float() * scale, config.q_block, config.qk_format)
     k_vals, k_scales = quantize_blocks(k, config.k_block, config.qk_format)
     k_vals = repeat_kv_heads(k_vals, heads)

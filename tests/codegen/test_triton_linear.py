@@ -136,6 +136,20 @@ def test_rejects_bad_inputs():
         linear_attention(pq, pk[:, :, :16], v)
 
 
+def test_reference_and_eps_are_the_linear_familys():
+    """One definition: the module's reference is the family's, and the kernel's default eps is LINEAR_EPS."""
+    import inspect
+
+    lin = pytest.importorskip("attnopt.replacements.linear")
+    assert linear_attention_reference is lin.linear_feature_reference
+    assert inspect.signature(linear_attention).parameters["eps"].default == lin.LINEAR_EPS
+    pq, pk, v, _, _ = _inputs(2, 1, 48, 32, 16, 16, 16, torch.float32)  # 16 rows see no key: 0, not NaN
+    out = torch.full((1, 2, 48, 16), float("nan"), device=DEV)
+    linear_attention(pq, pk, v, causal=True, chunk=16, out=out)
+    assert out[:, :, :16].abs().max() == 0
+    assert rel_error(out, linear_attention_reference(pq, pk, v, causal=True)) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("window", [0, 24])
 def test_op_adapter_matches_family_reference(window):
     """The CUDA adapter (run here on CPU tensors) computes the linear family's own reference."""

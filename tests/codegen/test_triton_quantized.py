@@ -115,6 +115,45 @@ def test_fused_quantization_matches_pytorch(fmt):
         assert (diff > 0).float().mean() < 1e-3
 
 
+def test_reference_pieces_are_the_quantized_familys():
+    """One definition: this module's PyTorch pieces are the family's (aliases, or its values in storage dtypes)."""
+    qz = pytest.importorskip("attnopt.replacements.quantized")
+    from attnopt.codegen.triton._common import KERNEL_QK_FORMATS, QK_FORMATS, qk_mode
+
+    assert smooth_k is qz.smooth_keys
+    assert set(KERNEL_QK_FORMATS) <= set(qz.QK_FORMATS)
+    assert [qk_mode(f) for f in QK_FORMATS] == list(range(len(QK_FORMATS)))
+    assert qk_mode("fp8_e4m3") == qk_mode("fp8")
+    x = torch.randn(2, 2, 70, 16)
+    for fmt in ("int8", "fp8"):
+        xq, s = quantize_per_block(x, 32, fmt)
+        vals, scales = qz.quantize_blocks(x, 32, fmt)
+        assert torch.equal(xq.float(), vals) and torch.equal(s, scales)
+    q, k, v = _qkv(2, 1, 40, 56, 16, torch.float32)
+    cfg = qz.QuantizedConfig(qk_format="int8", pv_format="fp32", q_block=16, k_block=32)
+    ref = quantized_reference(q, k, v, qk_format="int8", block_m=16, block_n=32, causal=True, window=20)
+    assert torch.equal(ref, qz.quantized_reference(q, k, v, cfg, scale=16**-0.5, causal=True, window=20))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_fused_quantizer_folds_the_scale_and_keeps_zero_blocks_at_scale_one(fmt):
+    """The kernels quantize ``q * scale`` (the family's rule), and an all-zero block gets scale 1, as in PyTorch."""
+    if fmt == "fp8" and not fp8_supported(torch.device(DEV)):
+        pytest.skip("FP8 needs CUDA sm89+ or the interpreter")
+    qz = pytest.importorskip("attnopt.replacements.quantized")
+    q = torch.randn(1, 2, 96, 32, device=DEV, dtype=torch.float16)
+    q[:, 1, 32:64] = 0.0
+    xq, s = quantize_blocks_triton(q, 32, fmt, factor=32**-0.5)
+    vals, scales = qz.quantize_blocks(q.float() * 32**-0.5, 32, fmt)
+    assert s[0, 1, 1] == 1.0 and xq[0, 1, 32:64].float().abs().max() == 0
+    assert torch.allclose(s, scales, rtol=1e-6, atol=0)
+    diff = (xq.float() - vals).abs()
+    if DEV == "cpu":  # interpreter: IEEE arithmetic, identical values
+        assert diff.max() == 0
+    else:  # approximate GPU division may move a value on a rounding boundary by one step
+        assert (diff > 0).float().mean() < 1e-3
+
+
 def test_rejects_bad_inputs():
     q, k, v = _qkv(2, 1, 32, 32, 16, torch.float32)
     with pytest.raises(ValueError, match="block_m"):

@@ -15,10 +15,12 @@ from attnopt.patterns.site import AttentionSite
 from attnopt.replacements.base import get_family
 from attnopt.replacements.exact import attention_reference
 from attnopt.replacements.linear import (
+    LINEAR_EPS,
     LinearConfig,
     fit_feature_maps,
     hedgehog_features,
     init_feature_maps,
+    linear_feature_reference,
     linear_reference,
 )
 
@@ -128,6 +130,26 @@ def test_kernel_key_padding_masks(causal, window, kind):
     out = linear_attention_cpu(q, k, v, params, cfg, scale=0.25, causal=causal, attn_mask=mask)
     ref = linear_reference(q, k, v, params, cfg, scale=0.25, causal=causal, attn_mask=mask)
     assert rel_l2(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_one_definition_below_the_feature_map(window):
+    """``linear_reference`` is ``linear_feature_reference`` on Hedgehog features, eps included (LINEAR_EPS = 0:
+    the plain ratio, empty rows 0), and the CPU kernel computes it, empty rows too."""
+    assert LINEAR_EPS == 0.0
+    q, k, v = qkv(b=1, hq=4, hkv=2, nq=60, nk=40)  # the first 20 queries see no key
+    params = init_feature_maps(4, 2, 16, 8, seed=2)
+    cfg = LinearConfig(feature_dim=8, window=window, chunk=16)
+    ref = linear_reference(q, k, v, params, cfg, scale=0.25, causal=True)
+    phi_q, phi_k = hedgehog_features(q, *params[:2]), hedgehog_features(k, *params[2:])
+    assert torch.equal(
+        ref, linear_feature_reference(phi_q, phi_k, v, causal=True, window=window, q=q, k=k, scale=0.25)
+    )
+    out = linear_attention_cpu(q, k, v, params, cfg, scale=0.25, causal=True)
+    assert ref[:, :, :20].abs().max() == 0 and out[:, :, :20].abs().max() == 0
+    assert rel_l2(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="q and k"):
+        linear_feature_reference(phi_q, phi_k, v, window=5)
 
 
 def test_kernel_falls_back_on_general_masks():

@@ -14,9 +14,14 @@ from attnopt.patterns.site import AttentionSite
 from attnopt.replacements.base import Candidate, get_family
 from attnopt.replacements.exact import attention_reference
 from attnopt.replacements.quantized import (
+    QK_FORMAT_ALIASES,
+    QK_FORMATS,
     QuantizedConfig,
     QuantizedFamily,
+    block_scales,
+    qk_format_name,
     quantize_blocks,
+    quantize_v,
     quantized_reference,
     smooth_keys,
 )
@@ -78,6 +83,44 @@ def test_quantize_blocks_is_symmetric_per_block():
     assert (deq - x).abs().max() <= scales.max() / 2 + 1e-6
     # Each block reaches the full range: its absmax maps to ±127.
     assert torch.equal(vals.reshape(2, 3, -1).abs().amax(-1), torch.full((2, 3), 127.0))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "int16"])
+def test_zero_blocks_get_scale_one_and_tiny_blocks_keep_their_scale(fmt):
+    """The one zero-block convention (block_scales): scale 1 where amax / qmax is 0, exact elsewhere."""
+    x = torch.randn(1, 2, 96, 8)
+    x[:, 0, 32:64] = 0.0  # an all-zero block
+    x[:, 1, 64:] *= 1e-20  # a tiny but nonzero block: no clamp may coarsen it
+    vals, scales = quantize_blocks(x, 32, fmt)
+    assert scales[0, 0, 1] == 1.0 and vals[0, 0, 32:64].abs().max() == 0
+    amax = x[0, 1, 64:].abs().max()
+    torch.testing.assert_close(scales[0, 1, 2], amax / QK_FORMATS[fmt], rtol=1e-6, atol=0)
+    assert vals[0, 1, 64:].abs().max() > QK_FORMATS[fmt] / 2  # full range used
+    assert torch.equal(
+        block_scales(torch.tensor([0.0, 1e-45, 2.0]), 127.0), torch.tensor([1.0, 1.0, 2.0 / 127.0])
+    )
+    _, v_scale = quantize_v(torch.zeros(1, 1, 4, 3), "fp8_e4m3")
+    assert torch.equal(v_scale, torch.full((1, 1, 1, 3), 1.0 / 448.0))  # V channels: the same rule
+
+
+def test_one_format_vocabulary_with_aliases():
+    assert qk_format_name("fp8") == "fp8_e4m3" and qk_format_name("int8") == "int8"
+    assert set(QK_FORMAT_ALIASES.values()) <= set(QK_FORMATS)
+    x = torch.randn(1, 1, 40, 8)
+    assert all(
+        torch.equal(a, b) for a, b in zip(quantize_blocks(x, 16, "fp8"), quantize_blocks(x, 16, "fp8_e4m3"))
+    )
+    with pytest.raises(ValueError, match="Q/K format"):
+        quantize_blocks(x, 16, "int4")
+    with pytest.raises(ValueError, match="qk_format"):
+        QuantizedConfig(qk_format="fp8")  # configs and plans store the full names only
+
+
+def test_smoothing_runs_in_float32():
+    k = (torch.randn(1, 2, 50, 8) + 30.0).half()
+    smoothed = smooth_keys(k)
+    kf = k.float()
+    assert smoothed.dtype == torch.float32 and torch.equal(smoothed, kf - kf.mean(dim=-2, keepdim=True))
 
 
 @pytest.mark.parametrize("causal", [False, True])

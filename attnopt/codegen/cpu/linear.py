@@ -10,9 +10,10 @@ Semantics are :func:`attnopt.replacements.linear.linear_reference`; this compute
   cumulative sum of per-chunk ``φ(K_c)ᵀ [V_c, 1]``; inside a chunk a lower-triangular ``C x C``
   block is computed quadratically. ``d = Nk - Nq`` (bottom-right) for pure linear attention
   and ``Nk - Nq - window`` for the linear part of the hybrid.
-* **hybrid**: the exact window ``(t - window, t]`` of each query chunk is a band of
-  ``C + window - 1`` keys taken with ``unfold`` (a view), weighted ``exp(s - m)`` with ``m``
-  the band's row max, and summed into the same numerator and normaliser.
+* **hybrid**: the exact window ``(t - window, t]`` is the CPU band engine's unnormalised output
+  (:func:`attnopt.codegen.cpu.band.band_attention` with ``normalize=False``: chunks of ``C``
+  queries over strided views of their ``C + window - 1`` keys, weighted ``exp(s - m)`` with ``m``
+  the row max over the window) on ``[v, 1]``, summed into the same numerator and normaliser.
 
 GQA keeps one state per kv head and folds the query heads of a group into the matmuls. Key
 padding masks scale φ(k) (and the band weights); any other mask falls back to the quadratic
@@ -24,9 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnopt.codegen.cpu.band import band_attention
 from attnopt.codegen.ops import AttentionCall, register_kernel
 from attnopt.patterns.masks import additive_to_allowed, causal_allowed, merge_allowed, window_allowed
-from attnopt.replacements.linear import LinearConfig, hedgehog_features, linear_reference
+from attnopt.replacements.linear import LinearConfig, hedgehog_features, linear_reference, normalise_rows
 
 __all__ = ["linear_attention_cpu", "linear_kernel"]
 
@@ -89,60 +91,6 @@ def _causal_linear(
     return out.reshape(b, hkv, g, length, dv1)[..., :nq, :]
 
 
-def _window_band(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v1: torch.Tensor,
-    keep: torch.Tensor | None,
-    *,
-    scale: float,
-    window: int,
-    chunk: int,
-) -> torch.Tensor:
-    """Σ over the exact window of exp(s_ij - m_i) [v_j, 1], chunk by chunk.
-
-    Keys are laid out chunk-major and aligned with the queries (key ``j`` at query position
-    ``j - (Nk - Nq)``), padded in front by ``nb`` chunks, so query chunk ``c`` sees key chunks
-    ``c .. c + nb`` of the padded sequence: ``nb + 1`` batched matmuls over contiguous slices,
-    with no copies of overlapping bands.
-
-    Shapes: q ``(B, Hkv, G, Nq, D)``, k ``(B, Hkv, Nk, D)``, v1 ``(B, Hkv, Nk, Dv+1)``, keep
-    ``(B, Hkv, Nk)`` or None. Returns ``(B, Hkv, G, Nq, Dv+1)``.
-    """
-    b, hkv, g, nq, d = q.shape
-    nk, dv1 = k.shape[2], v1.shape[-1]
-    nc = -(-nq // chunk)
-    nb = -(-(window - 1) // chunk)
-    total = (nc + nb) * chunk
-    front = nb * chunk - (nk - nq)  # padded index of key j is j + front
-    valid = keep if keep is not None else k.new_ones(1, 1, nk).expand(b, hkv, nk)
-
-    def chunk_major(x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, Hkv, Nk, ...) aligned and padded to ``total`` keys, as (nc + nb, B, Hkv, C, ...)."""
-        tail = (0, 0) if x.dim() == 4 else ()  # F.pad pairs run from the last dim backwards
-        x = x[:, :, -front:] if front < 0 else F.pad(x, (*tail, front, 0))
-        x = F.pad(x, (*tail, 0, total - x.shape[2])) if x.shape[2] < total else x[:, :, :total]
-        x = x.reshape(b, hkv, nc + nb, chunk, *x.shape[3:])
-        return x.movedim(2, 0).contiguous()
-
-    k_c, v_c, ok_c = chunk_major(k), chunk_major(v1), chunk_major(valid)
-    q_c = F.pad(q * scale, (0, 0, 0, nc * chunk - nq)).reshape(b, hkv, g, nc, chunk, d)
-    q_c = q_c.permute(3, 0, 1, 2, 4, 5).reshape(nc, b, hkv, g * chunk, d)
-    scores = torch.cat([q_c @ k_c[o : o + nc].transpose(-1, -2) for o in range(nb + 1)], dim=-1)
-    rows = torch.arange(chunk).repeat(g)[:, None]  # query offset inside its chunk
-    cols = torch.arange((nb + 1) * chunk)[None, :] - nb * chunk  # key offset from the chunk start
-    in_band = (cols <= rows) & (cols > rows - window)
-    ok = torch.cat([ok_c[o : o + nc] for o in range(nb + 1)], dim=-1)[:, :, :, None, :] > 0
-    scores.masked_fill_(~(in_band & ok), float("-inf"))  # hidden keys get weight exp(-inf) = 0
-    row_max = scores.amax(dim=-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)
-    weights = scores.sub_(row_max).exp_()
-    out = weights[..., :chunk] @ v_c[:nc]
-    for o in range(1, nb + 1):
-        out.add_(weights[..., o * chunk : (o + 1) * chunk] @ v_c[o : o + nc])
-    out = out.reshape(nc, b, hkv, g, chunk, dv1).permute(1, 2, 3, 0, 4, 5)
-    return out.reshape(b, hkv, g, nc * chunk, dv1)[..., :nq, :]
-
-
 def linear_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -167,7 +115,7 @@ def linear_attention_cpu(
             f"Expected a causal call for the hybrid window={cfg.window}, but got causal=False. "
             "Use window=0 for non-causal attention."
         )
-    keep = None
+    keep = band_keep = None
     if attn_mask is not None:
         padding = _key_padding(attn_mask, nq, nk, causal)
         if padding is None:
@@ -182,6 +130,7 @@ def linear_attention_cpu(
                 params[3].repeat_interleave(hq // hkv, 0),
             ]
             hkv = hq
+        band_keep = keep[:, :, None, :] > 0  # (B|1, 1|Hq, 1, Nk): the window's key mask
         keep = keep.expand(b, hkv, nk)
     groups = hq // hkv
     w_q, b_q, w_k, b_k = params
@@ -196,12 +145,13 @@ def linear_attention_cpu(
     else:
         acc = _causal_linear(phi_q, phi_k, v1, nk - nq - cfg.window, cfg.chunk)
         if cfg.window:
-            q_g = q.float().reshape(b, hkv, groups, nq, -1)
-            acc = acc + _window_band(
-                q_g, k.float(), v1, keep, scale=scale, window=cfg.window, chunk=cfg.chunk
-            )
+            band = band_attention(
+                q.float(), k.float(), v1, scale=scale, window=cfg.window, attn_mask=band_keep, chunk=cfg.chunk,
+                normalize=False,
+            )  # fmt: skip
+            acc = acc + band.reshape(b, hkv, groups, nq, dv + 1)
     num, den = acc[..., :dv], acc[..., dv:]
-    out = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+    out = normalise_rows(num, den)
     return out.reshape(b, hq, nq, dv)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from attnopt.codegen.cpu.band import mask_band_edges, visible_keys
 from attnopt.codegen.ops import AttentionCall, register_kernel
 from attnopt.replacements.quantized import (
     QuantizedConfig,
@@ -48,27 +49,6 @@ def _expand_mask(mask: torch.Tensor, b: int, hq: int, nq: int, nk: int) -> torch
     return mask.expand(b, hq, nq, nk)
 
 
-def _mask_structural(
-    scores: torch.Tensor, start: int, stop: int, k_lo: int, k_hi: int, offset: int, window: int | None
-) -> None:
-    """Set disallowed (query, key) pairs of a chunk's tile to -inf, touching only the band edges.
-
-    Only keys past the chunk's first diagonal (``j > start + offset``) can be hidden by
-    causality and only keys before its last window start by the window, so the middle of the
-    tile is left alone.
-    """
-    i = torch.arange(start, stop)[:, None] + offset
-    diag_lo = max(k_lo, start + offset + 1)
-    if diag_lo < k_hi:
-        j = torch.arange(diag_lo, k_hi)[None, :]
-        scores[..., diag_lo - k_lo :].masked_fill_(j > i, float("-inf"))
-    if window:
-        win_hi = min(k_hi, stop - 1 + offset - window + 1)
-        if win_hi > k_lo:
-            j = torch.arange(k_lo, win_hi)[None, :]
-            scores[..., : win_hi - k_lo].masked_fill_(j <= i - window, float("-inf"))
-
-
 def quantized_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,7 +69,7 @@ def quantized_attention_cpu(
     if hq % hkv:
         raise ValueError(f"Expected query heads divisible by key/value heads, but got {hq} and {hkv}.")
     groups = hq // hkv
-    k32 = smooth_keys(k.float()) if cfg.smooth_k else k.float()
+    k32 = smooth_keys(k) if cfg.smooth_k else k.float()
     q_vals, q_scales = quantize_blocks(q.float() * scale, cfg.q_block, cfg.qk_format)
     k_vals, k_scales = quantize_blocks(k32, cfg.k_block, cfg.qk_format)
     mm_dtype = _matmul_dtype(cfg, d)
@@ -107,18 +87,14 @@ def quantized_attention_cpu(
     out = q.new_empty((b, hkv, groups, nq, dv), dtype=torch.float32)
     for start in range(0, nq, chunk):
         stop = min(start + chunk, nq)
-        k_lo, k_hi = 0, nk
-        if causal or window:
-            k_hi = max(0, min(nk, stop - 1 + offset + 1))
-        if window:
-            k_lo = max(0, start + offset - window + 1)
+        k_lo, k_hi = visible_keys(start, stop, offset, nk, causal=causal, window=window)
         if k_hi <= k_lo:
             out[:, :, :, start:stop] = 0.0
             continue
         scores = torch.matmul(q_vals[:, :, :, start:stop], k_t[..., k_lo:k_hi]).float()
         scores.mul_(col_scale[..., k_lo:k_hi]).mul_(row_scale[..., start:stop, None])
         if causal or window:
-            _mask_structural(scores, start, stop, k_lo, k_hi, offset, window)
+            mask_band_edges(scores, start, stop, k_lo, k_hi, offset, window)
         if attn_mask is not None:
             m = _expand_mask(attn_mask, b, hq, nq, nk)[:, :, start:stop, k_lo:k_hi]
             m = m.reshape(b, hkv, groups, stop - start, k_hi - k_lo)

@@ -8,9 +8,10 @@ softmax passes.
 
 SDPA's CPU flash kernel needs ``Dv == D``, and side-by-side values break that (it falls back to
 the math path, ~9x slower on this machine), so the attention of clusters with two or more
-members is a query-chunked softmax written in torch: each chunk's score tile is bounded (:data:`_TILE_ELEMENTS`), causal and window
-chunks only visit the keys they can see, and the softmax normaliser is applied to the
-``(chunk, m * Dv)`` output rather than to the ``(chunk, Nk)`` probabilities. Singleton clusters
+members runs on the CPU band engine (:func:`attnopt.codegen.cpu.band.band_attention`): query
+chunks whose score tile is bounded (:data:`_TILE_ELEMENTS`), over only the keys each chunk can
+see, with the softmax normaliser applied to the ``(chunk, m * Dv)`` output rather than to the
+``(chunk, Nk)`` probabilities; sliding windows take its strided band path. Singleton clusters
 share nothing and run SDPA's flash kernel (through :func:`~attnopt.codegen.ops.exact_attention`)
 when no row can be left without keys.
 """
@@ -21,12 +22,14 @@ import functools
 
 import torch
 
+from attnopt.codegen.cpu.band import band_attention
 from attnopt.codegen.ops import AttentionCall, exact_attention, register_kernel
 from attnopt.replacements.shared import SharedConfig
 
 __all__ = ["shared_attention", "shared_attention_cpu", "size_groups"]
 
-#: Score elements per tile (heads x query rows x keys): 4 MB of fp32.
+#: Score elements per tile of the band engine (query rows x keys of one head): 4 MB of fp32. Read at
+#: call time.
 _TILE_ELEMENTS = 1 << 20
 
 
@@ -93,80 +96,22 @@ def shared_attention(
             )  # fmt: skip
             out[:, reps] = exact_attention(call)
             continue
-        q_r = q[:, reps].to(work) * scale
-        # K^T laid out contiguously once per group: BLAS runs Q K^T ~1.8x faster than on a transposed view.
-        k_t = k[:, reps // n_rep].to(work).transpose(-1, -2).contiguous()
+        q_r = q[:, reps].to(work)
+        k_r = k[:, reps // n_rep].to(work)
         # (B, n, m, Nk, Dv) -> (B, n, Nk, m * Dv): every member's values side by side.
         v_cat = v[:, (members // n_rep).flatten()].to(work).view(b, n, m, nk, dv).permute(0, 1, 3, 2, 4)
         v_cat = v_cat.reshape(b, n, nk, m * dv)
         mask_r = mask[:, reps] if mask is not None and mask.shape[1] > 1 else mask
-        o = _chunked_softmax_attention(q_r, k_t, v_cat, mask_r, causal=causal or bool(window), window=window)
+        o = band_attention(
+            q_r, k_r, v_cat, scale=scale, window=window, causal=causal or bool(window), attn_mask=mask_r,
+            max_tile=_TILE_ELEMENTS,
+        )  # fmt: skip
         o = o.view(b, n, nq, m, dv).transpose(2, 3).reshape(b, n * m, nq, dv)
         flat = members.flatten()
         if len(groups) == 1 and bool((flat == torch.arange(heads, device=flat.device)).all()):
             return o  # members already in head order: no scatter
         out[:, flat] = o
     return out
-
-
-def _chunked_softmax_attention(
-    q: torch.Tensor,
-    k_t: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    *,
-    causal: bool,
-    window: int | None,
-) -> torch.Tensor:
-    """``softmax(q k^T + mask) v`` (q pre-scaled, ``k_t = k^T``) in query chunks over only the visible keys."""
-    b, n, nq, _ = q.shape
-    nk = k_t.shape[-1]
-    offset = nk - nq  # bottom-right alignment: query i's diagonal is key i + offset
-    out = q.new_empty((b, n, nq, v.shape[-1]))
-    rows = max(16, _TILE_ELEMENTS // max(b * n * nk, 1))
-    for start in range(0, nq, rows):
-        stop = min(start + rows, nq)
-        k_hi = min(nk, stop + offset) if causal else nk
-        k_lo = max(0, start + offset - window + 1) if window else 0
-        if k_hi <= k_lo:
-            out[:, :, start:stop] = 0  # no query of the chunk sees a key
-            continue
-        scores = q[:, :, start:stop] @ k_t[..., k_lo:k_hi]
-        if causal:
-            _mask_band_edges(scores, start, stop, k_lo, k_hi, offset, window)
-        if mask is not None:
-            tile = mask[..., start:stop, k_lo:k_hi] if mask.shape[-2] > 1 else mask[..., k_lo:k_hi]
-            if tile.dtype == torch.bool:
-                scores.masked_fill_(~tile, float("-inf"))
-            else:
-                scores.add_(tile.to(scores.dtype))
-        m_i = scores.amax(dim=-1, keepdim=True)
-        m_i = torch.where(torch.isfinite(m_i), m_i, torch.zeros_like(m_i))
-        p = scores.sub_(m_i).exp_()
-        l_i = p.sum(dim=-1, keepdim=True)
-        acc = p @ v[:, :, k_lo:k_hi]
-        out[:, :, start:stop] = acc.div_(torch.where(l_i > 0, l_i, torch.ones_like(l_i)))
-    return out
-
-
-def _mask_band_edges(
-    scores: torch.Tensor, start: int, stop: int, k_lo: int, k_hi: int, offset: int, window: int | None
-) -> None:
-    """Hide keys past each row's diagonal (and before its window) in a chunk's ``[k_lo, k_hi)`` tile.
-
-    Only the columns right of the chunk's first diagonal, and left of its last window start,
-    can hold hidden pairs, so only those two thin slices are touched.
-    """
-    i = torch.arange(start, stop, device=scores.device)[:, None] + offset
-    diag = max(k_lo, start + offset + 1)
-    if diag < k_hi:
-        j = torch.arange(diag, k_hi, device=scores.device)[None, :]
-        scores[..., diag - k_lo :].masked_fill_(j > i, float("-inf"))
-    if window:
-        edge = min(k_hi, stop - 1 + offset - window + 1)
-        if edge > k_lo:
-            j = torch.arange(k_lo, edge, device=scores.device)[None, :]
-            scores[..., : edge - k_lo].masked_fill_(j <= i - window, float("-inf"))
 
 
 @register_kernel("shared", "cpu")

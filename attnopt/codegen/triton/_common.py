@@ -30,7 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from attnopt.replacements.quantized import QK_FORMAT_ALIASES
+
 __all__ = [
+    "KERNEL_QK_FORMATS",
     "LOG2E",
     "QK_FORMATS",
     "Dims",
@@ -46,6 +49,7 @@ __all__ = [
     "load_q",
     "make_out",
     "portable_fallback",
+    "qk_mode",
     "rel_error",
     "structural_allowed",
     "validate_qkv",
@@ -54,9 +58,36 @@ __all__ = [
 #: ``log2(e)``: kernels use ``exp2`` and fold this factor into the softmax scale.
 LOG2E = 1.4426950408889634
 
-#: How Q·Kᵀ is computed: in the inputs' dtype, smoothed INT8, or FP8 e4m3 (sm89+). The index is
-#: the kernels' ``QK_MODE`` constexpr.
-QK_FORMATS = ("native", "int8", "fp8")
+#: The quantized family's Q/K formats that have a kernel, in ``QK_MODE`` order from 1 (the
+#: branches of :func:`attn_tile` and the fused quantiser): 1 = int8 (round to nearest, int32
+#: dot), 2 = fp8 e4m3 (sm89+). Names, ranges and rounding come from
+#: :mod:`attnopt.replacements.quantized`, the formats' one definition.
+KERNEL_QK_FORMATS: tuple[str, ...] = ("int8", "fp8_e4m3")
+
+_SHORT_NAMES = {name: alias for alias, name in QK_FORMAT_ALIASES.items()}
+
+#: How Q·Kᵀ is computed, as the kernels' ``qk_format`` arguments spell it: in the inputs' dtype
+#: (``"native"``), then :data:`KERNEL_QK_FORMATS` under their short aliases (``"fp8"`` for
+#: ``"fp8_e4m3"``). The index is the kernels' ``QK_MODE`` constexpr (:func:`qk_mode`); the family
+#: names are accepted too.
+QK_FORMATS: tuple[str, ...] = ("native", *(_SHORT_NAMES.get(name, name) for name in KERNEL_QK_FORMATS))
+
+
+def qk_mode(qk_format: str, *, where: str = "") -> int:
+    """The ``QK_MODE`` constexpr of ``qk_format``: 0 for ``"native"``, else 1 + its :data:`KERNEL_QK_FORMATS` index.
+
+    Accepts the spellings of :data:`QK_FORMATS` and the family's names (``"fp8_e4m3"``).
+
+    Raises:
+        ValueError: for any other format (``int16`` has no kernel), prefixed with ``where``.
+    """
+    if qk_format == "native":
+        return 0
+    name = QK_FORMAT_ALIASES.get(qk_format, qk_format)
+    if name not in KERNEL_QK_FORMATS:
+        expected = f"{where}: expected" if where else "Expected"
+        raise ValueError(f"{expected} qk_format in {QK_FORMATS}, but got {qk_format!r}.")
+    return 1 + KERNEL_QK_FORMATS.index(name)
 
 
 def is_interpreting() -> bool:
@@ -230,7 +261,9 @@ def attn_tile(
     """One key tile ``[start_n, start_n + BLOCK_N)`` of online softmax for one query block.
 
     ``acc`` (BLOCK_M, BLOCK_DV) fp32, ``l_i``/``m_i`` (BLOCK_M,) fp32 are in base-2 units
-    (``qk_scale`` already holds ``scale * log2(e)``). ``m_i`` starts at ``-inf``; a row whose
+    (``qk_scale`` already holds ``scale * log2(e)``; just ``log2(e)`` for quantized Q, which the
+    quantiser multiplied by the softmax scale as the quantized family defines). ``m_i`` starts at
+    ``-inf``; a row whose
     every score so far is masked keeps ``m_i = -inf`` and contributes nothing, so fully masked
     rows never produce NaN. ``QK_MODE`` 0 multiplies in the inputs' dtype; 1 (int8) and 2 (fp8)
     multiply quantized tiles and rescale by the Q block's and this K block's scales (K blocks
@@ -343,8 +376,6 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------
 
 _LOG = logging.getLogger("attnopt.codegen.triton")
-
-
 
 
 def portable_fallback(family: str, call, reason: str) -> torch.Tensor:  # noqa: ANN001

@@ -29,7 +29,6 @@ from attnopt.codegen.ops import AttentionCall, register_kernel
 from attnopt.codegen.triton import source
 from attnopt.codegen.triton._common import (
     LOG2E,
-    QK_FORMATS,
     attn_tile,
     autotune_configs,
     cdiv,
@@ -39,6 +38,7 @@ from attnopt.codegen.triton._common import (
     load_q,
     make_out,
     portable_fallback,
+    qk_mode,
     validate_qkv,
 )
 from attnopt.codegen.triton.quantized import kernel_view, prepare_quantized_qk
@@ -229,10 +229,7 @@ def block_sparse_attention(
         ValueError / TypeError: on inconsistent shapes, dtypes, block sizes or formats.
     """
     dims = validate_qkv(q, k, v, where="block_sparse_attention")
-    if qk_format not in QK_FORMATS:
-        raise ValueError(
-            f"block_sparse_attention: expected qk_format in {QK_FORMATS}, but got {qk_format!r}."
-        )
+    qk_mode_ = qk_mode(qk_format, where="block_sparse_attention")
     block_m = block_m or min(q_block, 64)
     block_n = block_n or min(kv_block, 64)
     for name, blk, tile in (("q_block", q_block, block_m), ("kv_block", kv_block, block_n)):
@@ -258,9 +255,8 @@ def block_sparse_attention(
     )
     scale = default_scale(scale, dims.head_dim)
     out = make_out(q, v, out, dims, where="block_sparse_attention")
-    qk_mode = QK_FORMATS.index(qk_format)
     scalar_window, windows = _windows(window, dims.heads, q.device)
-    q_in, k_in, qs, ks = prepare_quantized_qk(q, k, qk_format, block_m, block_n)
+    q_in, k_in, qs, ks = prepare_quantized_qk(q, k, qk_format, block_m, block_n, scale=scale)
     q_in, k_in = kernel_view(q_in), kernel_view(k_in)
     constexprs = dict(
         GROUP=dims.group, HEAD_DIM=dims.head_dim, HEAD_DIM_V=dims.head_dim_v,
@@ -268,13 +264,13 @@ def block_sparse_attention(
         BLOCK_DV=head_block(dims.head_dim_v),
         SPARSE_Q_BLOCK=q_block, SPARSE_KV_BLOCK=kv_block,
         CAUSAL=bool(causal), WINDOW=scalar_window, HEAD_WINDOWS=windows is not None, SINK=int(sink),
-        QK_MODE=qk_mode, HAS_FULL=has_full, EVEN_N=dims.kv_len % block_n == 0,
+        QK_MODE=qk_mode_, HAS_FULL=has_full, EVEN_N=dims.kv_len % block_n == 0,
     )  # fmt: skip
     source.record_launch(_block_sparse_fwd, constexprs)
     grid = (cdiv(dims.q_len, block_m), dims.batch * dims.heads)
     _block_sparse_fwd[grid](
         q_in, k_in, v, out, qs, ks, num, idx, fnum, fidx, windows if windows is not None else num,
-        scale * LOG2E,
+        (scale if qk_mode_ == 0 else 1.0) * LOG2E,  # quantized Q already holds the softmax scale
         *q_in.stride(), *k_in.stride(), *v.stride(), *out.stride(),
         *qs.stride(), *ks.stride(),
         *num.stride(), *idx.stride(), *fnum.stride(), *fidx.stride(),

@@ -4,17 +4,20 @@ Feature maps are applied on the host: the kernel takes ``φ(q)`` ``(B, Hq, Nq, F
 ``(B, Hkv, Nk, F)`` (non-negative features, e.g. Hedgehog's), plus ``v`` ``(B, Hkv, Nk, Dv)``.
 Query row ``i`` sits at key position ``p_i = i + Nk − Nq`` (bottom-right alignment).
 
-Definition (one normaliser; ``eps`` guards empty rows, rows whose total is 0 give 0):
+Definition (:func:`attnopt.replacements.linear.linear_feature_reference`, the linear family's, which
+this module re-exports as :func:`linear_attention_reference`; one normaliser, rows whose total is 0
+give 0):
 
 * linear only: ``w_ij = φ(q_i)·φ(k_j)`` for keys ``j ∈ L_i``; ``L_i = {j <= p_i}`` when causal,
   all keys otherwise;
 * hybrid with window ``W`` (causal): keys ``j ∈ E_i = {p_i − W < j <= p_i}`` get exact softmax
   weights ``w_ij = exp(s_ij − m_i)``, ``s_ij = scale · q_i·k_j``, ``m_i = max_{j∈E_i} s_ij``; keys
   ``j ∈ L_i = {j <= p_i − W}`` get linear weights ``w_ij = φ(q_i)·φ(k_j)``;
-* ``out_i = Σ_j w_ij v_j / (Σ_j w_ij + eps)``.
+* ``out_i = Σ_j w_ij v_j / (Σ_j w_ij + eps)`` with ``eps`` the family's
+  :data:`~attnopt.replacements.linear.LINEAR_EPS` (0) unless a caller experiments with another.
 
 The hybrid is LoLCATs' sliding-window + linear attention with window factor 1 (a factor on the
-linear part can be folded into φ). :func:`linear_attention_reference` writes it plainly.
+linear part can be folded into φ).
 
 Kernel: grid ``(cdiv(Dv, BLOCK_DV), B * Hq)``; each program walks the sequence in chunks of
 ``CHUNK`` key positions, carrying the state ``S = Σ φ(k_j) v_jᵀ`` ``(F, BLOCK_DV)`` and
@@ -40,6 +43,8 @@ from attnopt.codegen.triton._common import (
     head_block,
     portable_fallback,
 )
+from attnopt.replacements.linear import LINEAR_EPS, LinearConfig, hedgehog_features
+from attnopt.replacements.linear import linear_feature_reference as linear_attention_reference
 
 __all__ = ["linear_attention", "linear_attention_reference", "linear_kernel"]
 
@@ -179,7 +184,7 @@ def linear_attention(
     q: torch.Tensor | None = None,
     k: torch.Tensor | None = None,
     scale: float | None = None,
-    eps: float = 1e-6,
+    eps: float = LINEAR_EPS,
     chunk: int = 64,
     block_dv: int | None = None,
     out: torch.Tensor | None = None,
@@ -192,7 +197,7 @@ def linear_attention(
         causal: bottom-right causal (required for a window).
         window, q, k, scale: the exact sliding window (keys incl. the diagonal) and the raw
             ``q (B, Hq, Nq, D)``/``k (B, Hkv, Nk, D)`` its softmax uses; ``scale`` defaults to ``D ** -0.5``.
-        eps: added to the normaliser.
+        eps: added to the normaliser (the family's :data:`~attnopt.replacements.linear.LINEAR_EPS` by default).
         chunk: positions per chunk (power of two >= 16).
         block_dv: value columns per program (default: all, padded to a power of two).
         out: optional preallocated output ``(B, Hq, Nq, Dv)`` in v's dtype.
@@ -253,53 +258,15 @@ def linear_attention(
     return out
 
 
-def linear_attention_reference(
-    phi_q: torch.Tensor,
-    phi_k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = True,
-    window: int | None = None,
-    q: torch.Tensor | None = None,
-    k: torch.Tensor | None = None,
-    scale: float | None = None,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """The module docstring's definition as dense float32 PyTorch (O(N²) memory; for tests and checks)."""
-    from attnopt.patterns.masks import causal_allowed, repeat_kv_heads
-
-    hq, nq, nk = phi_q.shape[1], phi_q.shape[2], phi_k.shape[2]
-    pk = repeat_kv_heads(phi_k.float(), hq)
-    vf = repeat_kv_heads(v.float(), hq)
-    w_lin = phi_q.float() @ pk.transpose(-1, -2)
-    pos = torch.arange(nq, device=v.device)[:, None] + (nk - nq)
-    j = torch.arange(nk, device=v.device)[None, :]
-    if not window:
-        if causal:
-            w_lin = w_lin * causal_allowed(nq, nk, v.device)
-        weights = w_lin
-    else:
-        scale = default_scale(scale, q.shape[-1])
-        s = (q.float() @ repeat_kv_heads(k.float(), hq).transpose(-1, -2)) * scale
-        exact = (j <= pos) & (j > pos - window)
-        s = s.masked_fill(~exact, float("-inf"))
-        m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-        w_exact = torch.exp(s - m).nan_to_num(0.0)
-        weights = w_exact + w_lin * (j <= pos - window)
-    total = weights.sum(-1, keepdim=True) + eps
-    return torch.where(total == 0, 0.0, (weights @ vf) / torch.where(total == 0, 1.0, total))
-
-
 @register_kernel("linear", "cuda")
 def linear_kernel(call: AttentionCall) -> torch.Tensor:
     """``attnopt::linear`` on CUDA with :class:`attnopt.replacements.linear.LinearConfig` semantics.
 
     ``params = [w_q, b_q, w_k, b_k]`` (Hedgehog maps); the features are computed on the host with
-    ``hedgehog_features`` and cast to V's dtype. The config's normaliser has no ``eps`` (rows with
-    zero weight give 0), so ``eps=0``. Mask tensors and a site window go to the portable kernel.
+    ``hedgehog_features`` and cast to V's dtype; the normaliser's eps is the family's
+    :data:`~attnopt.replacements.linear.LINEAR_EPS`. Mask tensors and a site window go to the
+    portable kernel.
     """
-    from attnopt.replacements.linear import LinearConfig, hedgehog_features
-
     if call.attn_mask is not None:
         return portable_fallback("linear", call, "a model mask tensor")
     if call.window:
@@ -317,5 +284,5 @@ def linear_kernel(call: AttentionCall) -> torch.Tensor:
     chunk = cfg.chunk if cfg.chunk >= 16 and not cfg.chunk & (cfg.chunk - 1) else 64
     return linear_attention(
         phi_q, phi_k, v, causal=call.causal, window=cfg.window or None, q=call.q, k=call.k, scale=call.scale,
-        eps=0.0, chunk=min(chunk, 64),
+        eps=LINEAR_EPS, chunk=min(chunk, 64),
     )  # fmt: skip

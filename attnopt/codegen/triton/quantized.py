@@ -1,20 +1,22 @@
 """Quantized flash attention: smoothed INT8 (or FP8 e4m3) Q·Kᵀ with per-block scales, P·V in V's dtype.
 
-SageAttention's semantics, stated exactly so a reference can reproduce them bit for bit:
+The semantics are the quantized family's, defined once in :mod:`attnopt.replacements.quantized`
+(SageAttention's, stated exactly so the reference reproduces them bit for bit); this module
+imports its pieces instead of restating them:
 
-1. *Smooth K*: ``k_s = k − mean_j k[:, :, j, :]`` (the mean over all keys of each (batch,
-   kv-head), in float32, on a copy). Every query's scores shift by the constant ``q·mean``, which
-   the softmax cancels, while the outlier channel the mean carries no longer inflates K's scales.
-2. *Quantize per block*: Q in blocks of ``block_m`` rows per (batch, head), K in blocks of
-   ``block_n`` keys per (batch, kv-head); ``scale = absmax / R`` with ``R`` = 127 (int8,
-   round-to-nearest) or 448 (e4m3), ``x_q = x / scale``.
-3. *Attend*: ``s = (q_q · k_qᵀ) · q_scale · k_scale · softmax_scale`` (exact int32 accumulation
-   for int8), online softmax in float32, ``P`` cast to V's dtype (FP16 for fp16 models) for P·V.
+1. *Smooth K*: subtract K's float32 mean over all keys of each (batch, kv-head)
+   (:func:`~attnopt.replacements.quantized.smooth_keys`, re-exported here as :func:`smooth_k`).
+2. *Quantize per block*: ``Q * softmax_scale`` in blocks of ``block_m`` rows per (batch, head), K
+   in blocks of ``block_n`` keys per (batch, kv-head), ``scale = absmax / R`` (1 for all-zero
+   blocks) with ``R`` from the family's ``QK_FORMATS`` (127 for int8, round-to-nearest; 448 for
+   e4m3), ``x_q = x / scale`` (:func:`~attnopt.replacements.quantized.quantize_blocks`).
+3. *Attend*: ``s = (q_q · k_qᵀ) · q_scale · k_scale`` (exact int32 accumulation for int8),
+   online softmax in float32, ``P`` cast to V's dtype (FP16 for fp16 models) for P·V.
 
-:func:`quantize_blocks_triton` (one fused pass; :func:`quantize_per_block` and :func:`smooth_k`
-are its PyTorch statement) prepares the inputs, shared with the
-sparse+quantized kernel of :mod:`.block_sparse`; :func:`quantized_reference` is the plain
-PyTorch statement of 1–3 that the tests hold the kernel to.
+:func:`quantize_blocks_triton` (one fused pass; :func:`quantize_per_block` is the family's
+PyTorch statement with the kernels' storage dtypes) prepares the inputs, shared with the
+sparse+quantized kernel of :mod:`.block_sparse`; :func:`quantized_reference` is the family's
+reference in this module's terms, which the tests hold the kernels to.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import triton.language as tl
 from attnopt.codegen.ops import AttentionCall, register_kernel
 from attnopt.codegen.triton import source
 from attnopt.codegen.triton._common import (
+    KERNEL_QK_FORMATS,
     LOG2E,
-    QK_FORMATS,
     attn_tile,
     autotune_configs,
     cdiv,
@@ -39,8 +41,18 @@ from attnopt.codegen.triton._common import (
     load_q,
     make_out,
     portable_fallback,
+    qk_mode,
     validate_qkv,
 )
+from attnopt.replacements.quantized import QK_FORMATS as FAMILY_QK_FORMATS
+from attnopt.replacements.quantized import (
+    QuantizedConfig,
+    key_mean,
+    qk_format_name,
+    quantize_blocks,
+)
+from attnopt.replacements.quantized import quantized_reference as family_quantized_reference
+from attnopt.replacements.quantized import smooth_keys as smooth_k
 
 __all__ = [
     "prepare_quantized_qk",
@@ -53,58 +65,57 @@ __all__ = [
     "kernel_view",
 ]
 
-_QMAX = {"int8": 127.0, "fp8": 448.0}
+#: Storage dtype of each ``QK_MODE``'s quantized values, as the kernels load them.
+_STORAGE = {1: torch.int8, 2: torch.float8_e4m3fn}
 
 
-def smooth_k(k: torch.Tensor) -> torch.Tensor:
-    """``k`` minus its mean over keys (per batch and kv-head), in float32, on a copy."""
-    kf = k.float()
-    return kf - kf.mean(dim=2, keepdim=True)
+def _quantized_mode(fmt: str) -> int:
+    """``QK_MODE`` of a quantized format (not ``"native"``); ValueError otherwise."""
+    mode = qk_mode(fmt)
+    if mode == 0:
+        raise ValueError(f"Expected a quantized format in {KERNEL_QK_FORMATS} (or 'fp8'), but got {fmt!r}.")
+    return mode
 
 
 def quantize_per_block(x: torch.Tensor, block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``(B, H, N, D)`` in blocks of ``block`` rows: returns ``(x_q, scale (B, H, cdiv(N, block)))``.
 
-    ``x ≈ x_q * scale`` per block; ``x_q`` is int8 (round to nearest, clamp ±127) or float8 e4m3.
+    The family's :func:`~attnopt.replacements.quantized.quantize_blocks`, with ``x_q`` in the
+    dtype the kernels read (int8, or float8 e4m3 for ``"fp8"``/``"fp8_e4m3"``): ``x ≈ x_q * scale``.
     """
-    if fmt not in _QMAX:
-        raise ValueError(f"Expected a quantized format in {tuple(_QMAX)}, but got {fmt!r}.")
-    b, h, n, d = x.shape
-    nb = cdiv(n, block)
-    xf = x.float()
-    if nb * block != n:
-        xf = torch.nn.functional.pad(xf, (0, 0, 0, nb * block - n))
-    blocks = xf.view(b, h, nb, block, d)
-    scale = blocks.abs().amax(dim=(3, 4)).clamp_min(1e-12) / _QMAX[fmt]
-    scaled = (blocks / scale[..., None, None]).view(b, h, nb * block, d)[:, :, :n]
-    if fmt == "int8":
-        xq = scaled.round().clamp_(-127, 127).to(torch.int8)
-    else:
-        xq = scaled.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    return xq.contiguous(), scale.contiguous()
+    mode = _quantized_mode(fmt)
+    values, scales = quantize_blocks(x, block, fmt)
+    return values.to(_STORAGE[mode]).contiguous(), scales.contiguous()
 
 
 def prepare_quantized_qk(
-    q: torch.Tensor, k: torch.Tensor, qk_format: str, block_m: int, block_n: int, *, smooth: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    qk_format: str,
+    block_m: int,
+    block_n: int,
+    *,
+    smooth: bool = True,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel inputs for Q·Kᵀ: ``(q_in, k_in, q_scales, k_scales)``.
 
     ``"native"`` passes q and k through (the scale tensors are unused placeholders); ``"int8"``
-    and ``"fp8"`` smooth K (unless ``smooth=False``) and quantize both per block. FP8 needs
-    sm89+ (or the interpreter).
+    and ``"fp8"`` (or ``"fp8_e4m3"``) quantize ``q * scale`` and K, smoothed unless
+    ``smooth=False``, per block. Passing the softmax scale as ``scale`` is the family's rule (the
+    scale is folded into Q before quantising), after which the kernel multiplies the dequantised
+    scores by nothing else; the default 1 quantizes Q as given. FP8 needs sm89+ (or the interpreter).
     """
     if qk_format == "native":
         dummy = torch.ones(1, 1, 1, dtype=torch.float32, device=q.device)
         return q, k, dummy, dummy
-    if qk_format not in QK_FORMATS:
-        raise ValueError(f"Expected qk_format in {QK_FORMATS}, but got {qk_format!r}.")
-    if qk_format == "fp8" and not fp8_supported(q.device):
+    qk_mode(qk_format)  # rejects formats without a kernel
+    if qk_format_name(qk_format) == "fp8_e4m3" and not fp8_supported(q.device):
         raise ValueError(
             f"Expected a device with FP8 dots (CUDA sm89+), but got {q.device}. Use qk_format='int8' there."
         )
-    q_q, q_s = quantize_blocks_triton(q, block_m, qk_format)
-    k_mean = k.float().mean(dim=2) if smooth else None
-    k_q, k_s = quantize_blocks_triton(k, block_n, qk_format, mean=k_mean)
+    q_q, q_s = quantize_blocks_triton(q, block_m, qk_format, factor=scale)
+    k_q, k_s = quantize_blocks_triton(k, block_n, qk_format, mean=key_mean(k) if smooth else None)
     return q_q, k_q, q_s, k_s
 
 
@@ -131,6 +142,7 @@ def _round_to_e4m3(y):
 @triton.jit
 def _quantize_blocks_fwd(
     X, MEAN, XQ, SCALE,
+    factor,
     stride_xb, stride_xh, stride_xn, stride_xd,
     stride_mb, stride_mh, stride_md,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -139,7 +151,12 @@ def _quantize_blocks_fwd(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     SMOOTH: tl.constexpr, QK_MODE: tl.constexpr, QMAX: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(N, BLOCK), B * H)``: one block's absmax scale and its int8 / e4m3 values, one pass."""
+    """Grid ``(cdiv(N, BLOCK), B * H)``: one block's absmax scale and its int8 / e4m3 values, one pass.
+
+    Computes the family's ``quantize_blocks`` of ``x * factor − mean``: the same float32 products,
+    differences and divisions, the same zero-block scale (1, ``block_scales``), ``QMAX`` from the
+    family's ``QK_FORMATS``.
+    """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -148,48 +165,49 @@ def _quantize_blocks_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
     x_ptrs = X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
-    x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32) * factor
     if SMOOTH:
         mean = tl.load(
             MEAN + b * stride_mb + h * stride_mh + offs_d * stride_md, mask=offs_d < HEAD_DIM, other=0.0
         )
         x = tl.where(ok, x - mean[None, :], 0.0)
-    scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-12) / QMAX
+    scale = tl.max(tl.max(tl.abs(x), 1), 0) / QMAX
+    scale = tl.where(scale > 0, scale, 1.0)  # all-zero blocks: scale 1 (the family's block_scales)
     y = x / scale
     q_ptrs = XQ + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd
     if QK_MODE == 1:
         r = _round_half_even(y)
-        tl.store(q_ptrs, tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8), mask=ok)
+        tl.store(q_ptrs, tl.minimum(tl.maximum(r, -QMAX), QMAX).to(tl.int8), mask=ok)
     else:
-        r = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+        r = _round_to_e4m3(tl.minimum(tl.maximum(y, -QMAX), QMAX))
         tl.store(q_ptrs, r.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=ok)
     tl.store(SCALE + b * stride_sb + h * stride_sh + pid_n * stride_sn, scale)
 
 
 def quantize_blocks_triton(
-    x: torch.Tensor, block: int, fmt: str, *, mean: torch.Tensor | None = None
+    x: torch.Tensor, block: int, fmt: str, *, mean: torch.Tensor | None = None, factor: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_per_block` of ``x − mean`` in one fused pass (one read of x, one int8 write).
+    """:func:`quantize_per_block` of ``x * factor − mean`` in one fused pass (one read of x, one int8 write).
 
-    ``mean`` is ``(B, H, D)`` float32 (the K smoothing) or None. Same values as the PyTorch
-    version up to float32 division rounding (GPUs divide approximately), which can move a value
-    sitting on a rounding boundary by one step.
+    ``mean`` is ``(B, H, D)`` float32 (the K smoothing, ``key_mean``) or None; ``factor`` is the
+    softmax scale for Q (the family folds it into Q before quantising) and 1 for K. Same values as
+    the PyTorch version up to float32 division rounding (GPUs divide approximately), which can
+    move a value sitting on a rounding boundary by one step.
     """
-    if fmt not in _QMAX:
-        raise ValueError(f"Expected a quantized format in {tuple(_QMAX)}, but got {fmt!r}.")
+    mode = _quantized_mode(fmt)
     b, h, n, d = x.shape
     nb = cdiv(n, block)
-    xq = torch.empty(x.shape, dtype=torch.int8 if fmt == "int8" else torch.float8_e4m3fn, device=x.device)
+    xq = torch.empty(x.shape, dtype=_STORAGE[mode], device=x.device)
     scale = torch.empty(b, h, nb, dtype=torch.float32, device=x.device)
     m = mean if mean is not None else scale
     m_strides = mean.stride() if mean is not None else (0, 0, 0)
     xq_bits = kernel_view(xq)
     _quantize_blocks_fwd[(nb, b * h)](
-        x, m, xq_bits, scale,
+        x, m, xq_bits, scale, float(factor),
         *x.stride(), *m_strides, *xq_bits.stride(), *scale.stride(),
         h, n,
         HEAD_DIM=d, BLOCK=block, BLOCK_D=triton.next_power_of_2(d),
-        SMOOTH=mean is not None, QK_MODE=QK_FORMATS.index(fmt), QMAX=_QMAX[fmt],
+        SMOOTH=mean is not None, QK_MODE=mode, QMAX=FAMILY_QK_FORMATS[qk_format_name(fmt)],
     )  # fmt: skip
     return xq, scale
 
@@ -212,17 +230,27 @@ def quantized_reference(
     window: int | None = None,
     attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float32 PyTorch statement of what the quantized kernels compute (module docstring, 1–3)."""
-    from attnopt.replacements.exact import attention_reference
+    """The family's :func:`~attnopt.replacements.quantized.quantized_reference` in this module's terms.
 
-    if qk_format not in _QMAX:
-        raise ValueError(f"Expected qk_format in {tuple(_QMAX)}, but got {qk_format!r}.")
-    q_q, q_s = quantize_per_block(q, block_m, qk_format)
-    k_q, k_s = quantize_per_block(smooth_k(k), block_n, qk_format)
-    q_deq = q_q.float() * q_s.repeat_interleave(block_m, dim=2)[:, :, : q.shape[2], None]
-    k_deq = k_q.float() * k_s.repeat_interleave(block_n, dim=2)[:, :, : k.shape[2], None]
-    scale = default_scale(scale, q.shape[-1])
-    return attention_reference(q_deq, k_deq, v.float(), attn_mask, scale=scale, causal=causal, window=window)
+    Q/K quantized as the kernels do (``qk_format`` "int8" or "fp8", blocks ``block_m`` x
+    ``block_n``, K smoothed) and P·V left unquantised (``pv_format="fp32"``): the float32 statement
+    the kernels are held to; their P in V's dtype adds the fp16 rounding the tests allow for.
+    ``scale`` defaults to ``D ** -0.5``. Returns ``(B, Hq, Nq, Dv)`` float32.
+    """
+    _quantized_mode(qk_format)
+    config = QuantizedConfig(
+        qk_format=qk_format_name(qk_format), pv_format="fp32", q_block=block_m, k_block=block_n, smooth_k=True
+    )
+    return family_quantized_reference(
+        q,
+        k,
+        v,
+        config,
+        scale=default_scale(scale, q.shape[-1]),
+        causal=causal,
+        window=window,
+        attn_mask=attn_mask,
+    )
 
 
 _CONFIGS = autotune_configs(
@@ -334,18 +362,20 @@ def quantized_attention(
         raise ValueError(f"quantized_attention: expected window >= 1 or None, but got {window}.")
     scale = default_scale(scale, dims.head_dim)
     out = make_out(q, v, out, dims, where="quantized_attention")
-    q_in, k_in, qs, ks = prepare_quantized_qk(q, k, qk_format, block_m, block_n, smooth=smooth)
+    q_in, k_in, qs, ks = prepare_quantized_qk(q, k, qk_format, block_m, block_n, smooth=smooth, scale=scale)
     q_in, k_in = kernel_view(q_in), kernel_view(k_in)
+    qk_mode_ = qk_mode(qk_format)
+    qk_scale = (scale if qk_mode_ == 0 else 1.0) * LOG2E  # quantized Q already holds the softmax scale
     constexprs = dict(
         GROUP=dims.group, HEAD_DIM=dims.head_dim, HEAD_DIM_V=dims.head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_block(dims.head_dim, quantized=qk_format != "native"),
         BLOCK_DV=head_block(dims.head_dim_v),
-        CAUSAL=bool(causal), WINDOW=int(window or 0), QK_MODE=QK_FORMATS.index(qk_format),
+        CAUSAL=bool(causal), WINDOW=int(window or 0), QK_MODE=qk_mode_,
     )  # fmt: skip
     source.record_launch(_dense_attn_fwd, constexprs)
     grid = (cdiv(dims.q_len, block_m), dims.batch * dims.heads)
     _dense_attn_fwd[grid](
-        q_in, k_in, v, out, qs, ks, scale * LOG2E,
+        q_in, k_in, v, out, qs, ks, qk_scale,
         *q_in.stride(), *k_in.stride(), *v.stride(), *out.stride(), *qs.stride(), *ks.stride(),
         dims.heads, dims.q_len, dims.kv_len,
         **constexprs,
@@ -357,8 +387,6 @@ def quantized_attention(
 # attnopt::quantized on CUDA
 # ------------------------------------------------------------------------------------------
 
-#: ``QuantizedConfig.qk_format`` -> this module's format names.
-_FORMAT_NAMES = {"int8": "int8", "fp8_e4m3": "fp8"}
 #: ``QuantizedConfig.pv_format`` -> dtype of V (and P) in the P·V product.
 _PV_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -367,7 +395,7 @@ def _unsupported(cfg, call: AttentionCall) -> str | None:  # noqa: ANN001
     """Why the Triton kernel cannot serve this call, or None."""
     if call.attn_mask is not None:
         return "a model mask tensor"
-    if cfg.qk_format not in _FORMAT_NAMES:
+    if cfg.qk_format not in KERNEL_QK_FORMATS:
         return f"qk_format={cfg.qk_format!r} has no kernel"
     if cfg.pv_format not in _PV_DTYPES:
         return f"pv_format={cfg.pv_format!r} has no kernel"
@@ -387,8 +415,6 @@ def quantized_kernel(call: AttentionCall) -> torch.Tensor:
     The config's ``q_block``/``k_block`` are the kernel tiles; ``pv_format="fp16"`` runs P·V in
     fp16 (V cast when the model is bf16/fp32). Uncovered calls go to the portable kernel.
     """
-    from attnopt.replacements.quantized import QuantizedConfig
-
     cfg = call.family_config(QuantizedConfig)
     reason = _unsupported(cfg, call)
     if reason is not None:
@@ -396,6 +422,6 @@ def quantized_kernel(call: AttentionCall) -> torch.Tensor:
     v = call.v.to(_PV_DTYPES[cfg.pv_format])
     q, k = call.q.to(v.dtype), call.k.to(v.dtype)
     return quantized_attention(
-        q, k, v, scale=call.scale, causal=call.causal, window=call.window, qk_format=_FORMAT_NAMES[cfg.qk_format],
+        q, k, v, scale=call.scale, causal=call.causal, window=call.window, qk_format=cfg.qk_format,
         block_m=cfg.q_block, block_n=cfg.k_block, smooth=cfg.smooth_k,
     )  # fmt: skip
