@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "additive_to_allowed",
+    "as_additive",
     "causal_allowed",
     "classify_allowed",
     "combined_allowed",
@@ -87,6 +88,19 @@ def merge_allowed(mask: torch.Tensor | None, allowed: torch.Tensor | None) -> to
     if mask.dtype == torch.bool:
         return mask & allowed
     return mask.masked_fill(~allowed, float("-inf"))
+
+
+def as_additive(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """A boolean (True = attend) or additive mask as an additive ``dtype`` mask: 0 or ``-inf``.
+
+    The inverse direction of :func:`additive_to_allowed`, for kernels and rewrites that add the
+    mask to scores.
+    """
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)
 
 
 def repeat_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

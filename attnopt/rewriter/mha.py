@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from attnopt.codegen.ops import op_for
+from attnopt.patterns.masks import as_additive
 
 __all__ = ["mha_forward"]
 
@@ -26,9 +27,11 @@ def _combine(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | N
         return a if b is None else b
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return a & b
-    fa = a if a.dtype != torch.bool else torch.zeros_like(a, dtype=torch.float).masked_fill(~a, float("-inf"))
-    fb = b if b.dtype != torch.bool else torch.zeros_like(b, dtype=torch.float).masked_fill(~b, float("-inf"))
-    return fa + fb
+    return as_additive(a, _float_dtype(a)) + as_additive(b, _float_dtype(b))
+
+
+def _float_dtype(mask: torch.Tensor) -> torch.dtype:
+    return torch.float if mask.dtype == torch.bool else mask.dtype
 
 
 def mha_forward(

@@ -46,3 +46,20 @@ def test_random_mask_is_tensor_and_bias_is_not_a_mask():
 def test_bad_rank_names_the_shape():
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         classify_allowed(torch.ones(3, dtype=torch.bool))
+
+
+def test_as_additive_and_merge_allowed_keep_the_mask_form():
+    """One mask algebra: bool masks stay bool when merged, additive ones get -inf; as_additive inverts."""
+    from attnopt.patterns.masks import additive_to_allowed, as_additive, merge_allowed
+
+    allowed = torch.tensor([[True, False], [True, True]])
+    additive = torch.tensor([[0.0, -1e9], [0.0, 0.0]])
+    causal = torch.tensor([[True, False], [True, True]])
+    assert merge_allowed(None, causal) is causal and merge_allowed(allowed, None) is allowed
+    assert torch.equal(merge_allowed(torch.ones(2, 2, dtype=torch.bool), causal), causal)
+    merged = merge_allowed(torch.zeros(2, 2), causal)
+    assert merged.dtype == torch.float32 and merged[0, 1] == float("-inf") and merged[1].eq(0).all()
+    assert torch.equal(additive_to_allowed(as_additive(allowed)), allowed)
+    assert torch.equal(additive_to_allowed(additive), allowed)
+    assert as_additive(None) is None and as_additive(additive, torch.float16).dtype == torch.float16
+    assert merge_allowed(None, None) is None

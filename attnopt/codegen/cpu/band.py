@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from attnopt.codegen.cpu.pool import MAX_TILE, run_items, scratch
+from attnopt.patterns.masks import as_additive
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -354,7 +355,7 @@ def _band_bias(chunk: int, window: int, sink: int, dtype: torch.dtype) -> tuple[
         i = torch.arange(chunk)[:, None]
         j = torch.arange(chunk + window - 1)[None, :]
         allowed = (j >= i) & (j <= i + window - 1)
-        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, _NEG_INF)
+        bias = as_additive(allowed, dtype)
         _BIASES[key] = (bias[:, : chunk - 1].contiguous(), bias[:, window:].contiguous())
     return _BIASES[key]
 

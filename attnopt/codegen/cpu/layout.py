@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from attnopt.codegen.cpu.pool import MAX_TILE, run_items, scratch
+from attnopt.patterns.masks import as_additive
 from attnopt.replacements.block_layout import BlockLayout
 
 __all__ = ["layout_attention"]
@@ -54,7 +55,7 @@ def layout_attention(
     kf = torch.nn.functional.pad(k, (0, 0, 0, pad_k)).reshape(b * hkv * mk, kb, d)
     vf = torch.nn.functional.pad(v, (0, 0, 0, pad_k)).reshape(b * hkv * mk, kb, dv)
     out = torch.zeros(b * hq * mq, qb, dv, dtype=q.dtype, device=q.device)
-    mask = _additive(attn_mask, q.dtype)
+    mask = as_additive(attn_mask, q.dtype)  # the gathered tiles add it
     if mask is not None:
         mask = torch.nn.functional.pad(mask.expand(b, hq, nq, nk), (0, pad_k, 0, pad_q)).reshape(
             -1, qb, mk, kb
@@ -121,15 +122,6 @@ def layout_attention(
     run_items(tiles, tile, parallel=parallel)
     out = out.view(b, hq, mq * qb, dv)[:, :, :nq]
     return out.nan_to_num_(0.0)
-
-
-def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Bool (True = attend) or additive mask as an additive float mask (the gathered tiles add it)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, _NEG_INF)
-    return mask.to(dtype)
 
 
 def _gather_blocks(x: torch.Tensor, rows: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
