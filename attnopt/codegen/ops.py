@@ -52,6 +52,8 @@ __all__ = [
     "parse_config",
     "DispatchHook",
     "dispatch_hook",
+    "overrides",
+    "set_observer",
     "bank_params",
     "BankedParams",
 ]
@@ -141,6 +143,65 @@ def dispatch_hook(hook: DispatchHook | None) -> Iterator[DispatchHook | None]:
         yield hook
     finally:
         _HOOK = previous
+
+
+class _Observer(DispatchHook):
+    """A plain ``observer(site, call)`` function as a hook (see :func:`set_observer`)."""
+
+    def __init__(self, observer: Callable[[str, AttentionCall], None]) -> None:
+        self.observer = observer
+
+    def __call__(self, site: str, family: str, call: AttentionCall) -> str:
+        self.observer(site, call)
+        return family
+
+
+def set_observer(observer: Callable[[str, AttentionCall], None] | DispatchHook | None) -> Any:
+    """Make ``observer(site, call)`` (or a hook, or None) the operators' hook; returns the previous one.
+
+    A function form of :func:`dispatch_hook` for callers that restore by hand
+    (``previous = set_observer(f); ...; set_observer(previous)``); calibration uses its own hook.
+    """
+    global _HOOK
+    previous = _HOOK
+    _HOOK = observer if observer is None or isinstance(observer, DispatchHook) else _Observer(observer)
+    return previous.observer if isinstance(previous, _Observer) else previous
+
+
+class _Redirect(DispatchHook):
+    def __init__(self, table: dict[str, tuple[str, dict[str, Any], list[torch.Tensor]]]) -> None:
+        self.table = table
+
+    def wants_structure(self, site: str) -> bool:
+        return site in self.table
+
+    def __call__(self, site: str, family: str, call: AttentionCall) -> str:
+        redirect = self.table.get(site)
+        if redirect is None:
+            return family
+        family, inner, params = redirect
+        call.params = list(params)
+        call.config = {**call.config, "family": family, "config": inner}
+        return family
+
+
+class overrides:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Within the block, run each ``site`` of ``table`` as ``(family, config, params)`` instead.
+
+    The table is the caller's (the planner's, see :mod:`attnopt.rewriter.overrides`); this is
+    only the hook that applies it. Nests: an inner block replaces the outer and restores it.
+    """
+
+    def __init__(self, table: dict[str, tuple[str, dict[str, Any], list[torch.Tensor]]]) -> None:
+        self.table = table
+
+    def __enter__(self) -> overrides:
+        self._ctx = dispatch_hook(_Redirect(dict(self.table)))
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
 
 
 #: (family, device type) -> kernel. ``"exact"`` on every device is registered below.

@@ -12,13 +12,13 @@ from attnopt.cost_model.budget import (
     Budget,
     parse_budget,
 )
-from attnopt.cost_model.device import SEED_PROFILES, DeviceProfile
+from attnopt.cost_model.device import SEED_PROFILES, DeviceProfile, get_profile
 from attnopt.cost_model.error import annotate_errors, measure_candidate_error
 from attnopt.cost_model.latency import measure_latency, predict_latency, site_shape
 from attnopt.cost_model.plan import PLAN_SCHEMA_VERSION, Plan, PlanEntry, fingerprint, load_plan
 from attnopt.cost_model.planner import Assignment, Option, pareto_front, solve_assignment
 from attnopt.cost_model.planning import build_options, make_plan
-from attnopt.cost_model.profiling import get_profile, profile_device
+from attnopt.cost_model.profiling import profile_device
 from attnopt.cost_model.synthetic import make_site, make_stats
 
 __all__ = [

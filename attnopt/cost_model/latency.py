@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from attnopt.cost_model._timing import median_time, paired_ratio
-from attnopt.cost_model.device import DeviceProfile
+from attnopt.cost_model.device_profile import DeviceProfile
 from attnopt.patterns.site import AttentionSite
 from attnopt.replacements.base import Candidate, CostFormula
 

@@ -22,12 +22,11 @@ import torch
 
 from attnopt._steps import timed
 from attnopt.cost_model.budget import Budget, parse_budget
-from attnopt.cost_model.device import DeviceProfile, versions
+from attnopt.cost_model.device import DeviceProfile, get_profile, versions
 from attnopt.cost_model.error import measure_candidate_error
 from attnopt.cost_model.latency import measure_latency, measure_relative, predict_latency, site_shape
 from attnopt.cost_model.plan import Plan, PlanEntry, fingerprint
 from attnopt.cost_model.planner import Assignment, Option, pareto_front, solve_assignment
-from attnopt.cost_model.profiling import get_profile
 from attnopt.replacements.base import Candidate
 
 if TYPE_CHECKING:  # pragma: no cover

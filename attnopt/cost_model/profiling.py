@@ -20,7 +20,6 @@ The whole measurement takes well under 20 s on a 2-core CPU and is cached (see
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -32,11 +31,9 @@ import torch
 from attnopt._steps import timed
 from attnopt.codegen import load_kernels  # re-exported: the one kernel loader
 from attnopt.cost_model._timing import median_time, synchronize
-from attnopt.cost_model.device import (
-    SEED_PROFILES,
+from attnopt.cost_model.device_profile import (
     DeviceProfile,
     _resolve_device,
-    _target_matches_local,
     load_cached_profile,
     local_device_name,
     save_profile,
@@ -48,7 +45,6 @@ __all__ = [
     "Timing",
     "fit_family",
     "fit_latency_terms",
-    "get_profile",
     "load_kernels",
     "measure_family",
     "profile_device",
@@ -395,38 +391,3 @@ def _measure_profile(
                 profile.score_ns[key] = round(score_s * 1e9, 6)
     synchronize(dev)
     return profile
-
-
-def get_profile(
-    target: str | DeviceProfile | None = None, *, cache: str | os.PathLike | None = None
-) -> DeviceProfile:
-    """The profile to plan with.
-
-    Args:
-        target: ``None``/``"local"`` (the device this process runs on: cached measurement or a
-            fresh one), ``"cpu"``/``"cuda"`` (that local device), a seed name in
-            :data:`SEED_PROFILES` (a measured profile when this machine is that device, else the
-            seed), or a :class:`DeviceProfile` (returned as is).
-        cache: cache directory override (see :func:`cache_dir`).
-
-    Raises:
-        ValueError: for an unknown target name.
-    """
-    if isinstance(target, DeviceProfile):
-        return target
-    if target is None or target in ("local", "cpu", "cuda"):
-        device = None if target in (None, "local") else target
-        return profile_device(device, cache_dir=cache)
-    if not isinstance(target, str):
-        raise TypeError(
-            f"Expected a target name or DeviceProfile, but got {type(target).__name__}: {target!r}."
-        )
-    key = target.lower()
-    if key not in SEED_PROFILES:
-        raise ValueError(
-            f"Expected a target in {['local', 'cpu', 'cuda', *SEED_PROFILES]} or a DeviceProfile, but got "
-            f"target={target!r}. Measure an unlisted device with profile_device() on it."
-        )
-    if _target_matches_local(key):
-        return profile_device("cuda", cache_dir=cache)
-    return copy.deepcopy(SEED_PROFILES[key])

@@ -63,3 +63,24 @@ def test_exact_operator_drops_a_mask_that_masks_nothing(monkeypatch, kind, causa
         out = op_for("exact")(q, k, v, given, [], 0.25, causal, _config())
         torch.testing.assert_close(out, attention_reference(q, k, v, mask, scale=0.25, causal=causal))
         assert (seen[-1] is None) == dropped  # causal and dropped: SDPA's own is_causal, no mask
+
+
+def test_one_hook_observes_redirects_and_restores():
+    """Calibration's observer and the planner's overrides are the same hook: the innermost wins,
+    each restores the one before it, and without one the operator runs its own kernel."""
+    from attnopt.codegen import ops
+
+    q = torch.randn(1, 2, 8, 4)
+    exact = op_for("exact")(q, q, q, None, [], 0.5, True, _config())
+    seen = []
+    assert ops.set_observer(lambda site, call: seen.append((site, call.causal))) is None
+    keep = torch.tensor([0])
+    with ops.overrides({"test#0": ("head_pruned", {}, [keep])}):
+        pruned = op_for("exact")(q, q, q, None, [], 0.5, True, _config())
+    assert seen == []  # the overrides replaced the observer inside the block
+    op_for("exact")(q, q, q, None, [], 0.5, True, _config())
+    assert seen == [("test#0", True)]  # and restored it after
+    assert callable(ops.set_observer(None))
+    torch.testing.assert_close(pruned[:, 0], exact[:, 0])
+    assert pruned[:, 1].abs().max() == 0  # the emulation kernel zeroed the pruned head
+    torch.testing.assert_close(op_for("exact")(q, q, q, None, [], 0.5, True, _config()), exact)

@@ -12,6 +12,7 @@ from attnopt.cost_model.device import (
     SEED_PROFILES,
     DeviceProfile,
     cache_dir,
+    get_profile,
     load_cached_profile,
 )
 from attnopt.cost_model.latency import causal_work_factor
@@ -19,7 +20,6 @@ from attnopt.cost_model.profiling import (
     Timing,
     fit_family,
     fit_latency_terms,
-    get_profile,
     profile_device,
 )
 
