@@ -35,14 +35,14 @@ import pytest
 import torch
 
 from attnopt.codegen.triton import aot
-from attnopt.codegen.triton.aot_cases import BRANCHES, CASES, branch_value
+from attnopt.codegen.triton.aot_cases import BRANCHES, CASES, TARGETS, branch_value
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FULL_TARGET = 90
 #: Largest dynamic shared memory per block (bytes): A100 163 KiB, H100 and B200 227 KiB.
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 
-MATRIX = [(cc, case) for cc in aot.TARGETS for case in CASES if cc == FULL_TARGET or case.representative]
+MATRIX = [(cc, case) for cc in TARGETS for case in CASES if cc == FULL_TARGET or case.representative]
 
 
 # ------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def _worker(targets: str, cases: list[str] | None, out: pathlib.Path) -> subproc
 def compiled(tmp_path_factory):
     """``{(case name, cc): result dict}`` for the whole matrix."""
     tmp = tmp_path_factory.mktemp("aot")
-    others = ",".join(str(cc) for cc in aot.TARGETS if cc != FULL_TARGET)
+    others = ",".join(str(cc) for cc in TARGETS if cc != FULL_TARGET)
     jobs = [
         (tmp / "full.json", _worker(str(FULL_TARGET), None, tmp / "full.json")),
         (tmp / "rep.json", _worker(others, [c.name for c in CASES if c.representative], tmp / "rep.json")),

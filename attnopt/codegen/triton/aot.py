@@ -46,9 +46,9 @@ import triton
 
 from attnopt.codegen.triton import source
 from attnopt.codegen.triton._common import is_interpreting
+from attnopt.codegen.triton.aot_cases import CASES, TARGETS
 
 __all__ = [
-    "TARGETS",
     "AotResult",
     "CompileSpec",
     "Launch",
@@ -58,9 +58,6 @@ __all__ = [
     "main",
     "specialise",
 ]
-
-#: Compute capabilities every kernel must compile for (Ampere, Hopper, Blackwell datacentre).
-TARGETS: tuple[int, ...] = (80, 90, 100)
 
 PACKAGE = "attnopt.codegen.triton"
 
@@ -335,6 +332,14 @@ def compile_spec(spec: CompileSpec, jit: Any, cc: int) -> tuple[Any, dict[str, i
     return compiled, usage
 
 
+def _error_text(e: BaseException) -> str:
+    """The exception and its causes, innermost last (Triton wraps the real message in source excerpts)."""
+    parts = [f"{type(e).__name__}: {e}"]
+    while (e := e.__cause__ or e.__context__) is not None and len(parts) < 8:
+        parts.append(f"caused by {type(e).__name__}: {e}")
+    return "\n".join(parts)
+
+
 def compile_case(case: Any, cc: int) -> AotResult:
     """Compile one :class:`~attnopt.codegen.triton.aot_cases.AotCase` for ``sm_<cc>``; never raises.
 
@@ -353,7 +358,7 @@ def compile_case(case: Any, cc: int) -> AotResult:
         compiled, usage = compile_spec(spec, _jit_of(launch.target), cc)
         result.seconds = round(time.perf_counter() - t0, 3)
     except Exception as e:  # noqa: BLE001 - reported, not hidden: tests fail on it
-        result.status, result.error = "failed", f"{type(e).__name__}: {e}"
+        result.status, result.error = "failed", _error_text(e)
         return result
     cubin = compiled.asm.get("cubin", b"")
     match = re.search(r"^\.target\s+(\S+)", compiled.asm.get("ptx", ""), re.MULTILINE)
@@ -400,8 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if is_interpreting():
         parser.error("TRITON_INTERPRET is set: the kernels are interpreted functions; unset it to compile")
-    from attnopt.codegen.triton.aot_cases import CASES
-
     wanted = [n for n in args.cases.split(",") if n]
     by_name = {c.name: c for c in CASES}
     unknown = [n for n in wanted if n not in by_name]

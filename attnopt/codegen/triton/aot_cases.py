@@ -29,15 +29,26 @@ from typing import Any
 import torch
 
 from attnopt.codegen.triton import block_sparse, linear, quantized, shared
-from attnopt.codegen.triton.aot import TARGETS
 
-__all__ = ["BRANCHES", "CASES", "FP8_MIN_CC", "FP8_SKIP_REASON", "AotCase", "Shape", "branch_value"]
+__all__ = [
+    "BRANCHES",
+    "CASES",
+    "FP8_MIN_CC",
+    "FP8_SKIP_REASON",
+    "TARGETS",
+    "AotCase",
+    "Shape",
+    "branch_value",
+]
+
+#: Compute capabilities every kernel must compile for (Ampere, Hopper, Blackwell datacentre).
+TARGETS: tuple[int, ...] = (80, 90, 100)
 
 #: Lowest compute capability with FP8 e4m3 dots (what ``_common.fp8_supported`` checks on CUDA).
 FP8_MIN_CC = 89
 FP8_SKIP_REASON = (
     "fp8 e4m3 needs sm89+: the wrappers refuse it below (8, 9) (_common.fp8_supported) and "
-    "Triton lists fp8e4nv as supported only from sm89"
+    "Triton 3.7 rejects fp8e4nv there ('type fp8e4nv not supported in this architecture')"
 )
 
 META = torch.device("meta")
