@@ -302,10 +302,16 @@ def _launch_overhead_us(dev: torch.device) -> float:
 
 
 def _kernel_families(dev: torch.device) -> list[str]:
-    from attnopt.codegen.ops import KERNELS
+    """Families whose operator has a kernel on ``dev``: what a profile measures.
+
+    Weight rewrites (head pruning) have no operator of their own: their sites run the exact
+    operator on fewer heads, which the exact fit already predicts, so they are not profiled
+    (their registered kernel only emulates the rewrite for planning).
+    """
+    from attnopt.codegen.ops import FAMILY_OPS, KERNELS
 
     load_kernels(dev.type)
-    fams = {fam for fam, dt in KERNELS if dt in (dev.type, "any")}
+    fams = {fam for fam, dt in KERNELS if dt in (dev.type, "any") and fam in FAMILY_OPS}
     return ["exact"] + sorted(fams - {"exact"})
 
 

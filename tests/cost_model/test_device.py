@@ -153,3 +153,19 @@ def test_profile_device_measures_and_caches(tmp_path):
     assert len(files) == 1 and "torch" in files[0].name
     files[0].write_text("{not json")
     assert load_cached_profile(prof.name, tmp_path) is None  # a broken cache is ignored, re-measured
+
+
+def test_profiles_measure_the_families_with_an_operator_only():
+    """Head pruning's registered kernel emulates a weight rewrite; profiling times operators, so it
+    must not try to time that family (it would fail and log a warning on every fresh profile)."""
+    import torch
+
+    from attnopt.codegen.ops import KERNELS, op_for
+    from attnopt.cost_model.profiling import _kernel_families
+
+    assert ("head_pruned", "any") in KERNELS
+    fams = _kernel_families(torch.device("cpu"))
+    assert "head_pruned" not in fams and fams[0] == "exact"
+    assert {"block_sparse", "quantized", "linear", "shared"} <= set(fams)
+    for fam in fams:
+        op_for(fam)
