@@ -29,9 +29,11 @@ compiled graph keeps outside itself (:func:`bank_params`), which dies with the g
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import itertools
 import json
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -131,18 +133,20 @@ class DispatchHook:
         return family
 
 
-_HOOK: DispatchHook | None = None
+#: The hook of the running thread (and asyncio task): a context variable, not a module global, so
+#: a model planned in one thread (calibration's observer, the planner's overrides) never sees or
+#: redirects the calls of a model serving in another, even when their sites have the same names.
+_HOOK: contextvars.ContextVar[DispatchHook | None] = contextvars.ContextVar("attnopt_dispatch_hook", default=None)
 
 
 @contextlib.contextmanager
 def dispatch_hook(hook: DispatchHook | None) -> Iterator[DispatchHook | None]:
-    """Within the block every operator call goes through ``hook`` (None: no hook); nests."""
-    global _HOOK
-    previous, _HOOK = _HOOK, hook
+    """Within the block every operator call of this thread goes through ``hook`` (None: none); nests."""
+    token = _HOOK.set(hook)
     try:
         yield hook
     finally:
-        _HOOK = previous
+        _HOOK.reset(token)
 
 
 class _Observer(DispatchHook):
@@ -162,9 +166,8 @@ def set_observer(observer: Callable[[str, AttentionCall], None] | DispatchHook |
     A function form of :func:`dispatch_hook` for callers that restore by hand
     (``previous = set_observer(f); ...; set_observer(previous)``); calibration uses its own hook.
     """
-    global _HOOK
-    previous = _HOOK
-    _HOOK = observer if observer is None or isinstance(observer, DispatchHook) else _Observer(observer)
+    previous = _HOOK.get()
+    _HOOK.set(observer if observer is None or isinstance(observer, DispatchHook) else _Observer(observer))
     return previous.observer if isinstance(previous, _Observer) else previous
 
 
@@ -342,7 +345,7 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
         attn_mask, is_causal = _top_left_causal(attn_mask, q_len, kv_len, q.device), False
     if family != "exact" and (q_len < int(cfg.get("min_q_len", 2)) or kv_len < int(cfg.get("min_kv_len", 0))):
         family = "exact"  # decode steps, and contexts shorter than where the plan's variant pays off
-    hook = _HOOK
+    hook = _HOOK.get()
     # Classify per call where the structure matters: variants, and hooked calls (calibration's
     # samples, which variants are fitted on; a planner's variant). Plain exact attention just
     # passes the model's mask to SDPA.
@@ -362,11 +365,39 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
             f"attnopt::{family} has no kernel for device {q.device.type!r} (site {site or '?'}); "
             f"registered: {sorted(KERNELS)}."
         )
-    out = kernel(call)
+    try:
+        out = kernel(call)
+    except Exception as e:
+        # An installed plan's variant on a call it was never planned for (a shape, a mask) must
+        # not crash a model mid-generation: exact attention serves the call, and the site is
+        # named once. Planning's calls (no "fallback" key) and hooked calls re-raise, so a broken
+        # candidate fails its measurement instead of passing for exact.
+        if family == "exact" or not cfg.get("fallback") or hook is not None:
+            raise
+        _warn_fallback(site, family, e)
+        out = exact_attention(call)
     out = out if out.dtype == v.dtype else out.to(v.dtype)
     # The contract (and the fake kernel) is a contiguous (B, H, Nq, Dv) tensor; SDPA's CPU
     # flash kernel returns a transposed view, which compilers checking strides would reject.
     return out.contiguous()
+
+
+#: (site, family, error type) already warned about: one warning each per process.
+_FALLBACKS_WARNED: set[tuple[str, str, str]] = set()
+
+
+def _warn_fallback(site: str, family: str, error: Exception) -> None:
+    key = (site, family, type(error).__name__)
+    if key in _FALLBACKS_WARNED:
+        return
+    _FALLBACKS_WARNED.add(key)
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    warnings.warn(
+        f"attnopt: the {family} kernel failed at site {site or '?'} ({type(error).__name__}: {first}); "
+        "exact attention serves such calls there (warned once).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class BankedParams:

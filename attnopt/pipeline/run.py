@@ -65,7 +65,19 @@ def run_plan(model: torch.nn.Module, budget: Any, calib: Iterable[Any] | None, *
 
 
 def plan_model(model: torch.nn.Module, request: PlanRequest) -> PlanRun:
-    """The planning run's steps, in order, each timed under its name in ``Plan.timings``."""
+    """The planning run's steps, in order, each timed under its name in ``Plan.timings``.
+
+    Anything that stops the run (an error, an out-of-memory, ``KeyboardInterrupt``) leaves the
+    model as it was: the exact operators installed for calibration are taken out again.
+    """
+    try:
+        return _plan_steps(model, request)
+    except BaseException:
+        uninstall_all(model)
+        raise
+
+
+def _plan_steps(model: torch.nn.Module, request: PlanRequest) -> PlanRun:
     timings: dict[str, float] = {}
     first = request.calls[0]
     with timed(timings, "capture"):
@@ -162,8 +174,12 @@ def run_optimize(
     if any(e.family != "exact" for e in plan.entries) and route_reason(model, [e.site for e in plan.entries]) is None:
         # What the plan computes on the graph path (exact operators plus the plan's overrides,
         # as validated): the registry route must compute the same.
-        with torch.no_grad(), overrides(plan_overrides(plan)):
-            reference = model(*fresh_args(args), **kwargs)
+        try:
+            with torch.no_grad(), overrides(plan_overrides(plan)):
+                reference = model(*fresh_args(args), **kwargs)
+        except BaseException:  # an interrupt here leaves the model as it was, too
+            uninstall_all(model)
+            raise
     install_plan(model, plan, run.sites)
     model._attnopt_sites = run.sites
     # One call through the installed plan: compiles it now rather than at the user's first call,

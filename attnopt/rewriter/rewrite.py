@@ -23,6 +23,7 @@ from attnopt.patterns.canon import is_assertion, node_dtype
 from attnopt.patterns.records import SiteMatch
 from attnopt.patterns.site import AttentionSite
 from attnopt.patterns.spec import check_sites
+from attnopt.replacements.base import rewrites_weights
 
 __all__ = ["Choice", "rewrite_graph", "RewriteError"]
 
@@ -133,13 +134,18 @@ def op_config(site_name: str, choice: Choice, *, mask_static: bool, causal_align
         "causal_align": causal_align,
         "min_q_len": choice.min_q_len,
         "min_kv_len": choice.min_kv_len,
+        # An installed plan's variant that fails at run time falls back to exact attention for
+        # that call (see attnopt.codegen.ops); planning's own calls never set this, so a broken
+        # candidate fails its measurement instead of looking exact.
+        "fallback": True,
     }
     return json.dumps(cfg, sort_keys=True)
 
 
 def op_family(choice: Choice) -> str:
-    """The operator that runs ``choice``: a head-pruned site runs exact attention on its sliced weights."""
-    return "exact" if choice.family == "head_pruned" else choice.family
+    """The operator that runs ``choice``: a weight rewrite (head pruning) runs exact attention on its
+    rewritten weights."""
+    return "exact" if rewrites_weights(choice.family) else choice.family
 
 
 def _op_config(site: AttentionSite, choice: Choice, m: SiteMatch) -> str:

@@ -31,7 +31,9 @@ MAX_TILE = 4 * 1024 * 1024
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _THREADS_LOCK = threading.Lock()
-_BUFFERS: dict[tuple, torch.Tensor] = {}
+#: Each thread's scratch buffers, freed with the thread (a serving process that starts and ends
+#: worker threads does not accumulate buffers of threads that are gone).
+_LOCAL = threading.local()
 
 
 def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -39,14 +41,15 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
 
     The contents are garbage; the caller overwrites what it reads. Two live uses need two names.
     """
-    key = (name, dtype, device, threading.get_ident())
-    buf = _BUFFERS.get(key)
+    buffers: dict[tuple, torch.Tensor] = _LOCAL.__dict__.setdefault("buffers", {})
+    key = (name, dtype, device)
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
         # a normal tensor, even when the caller is in inference_mode: an inference tensor could
         # never be written again by a later call outside it
         with torch.inference_mode(False):
             buf = torch.empty(numel, dtype=dtype, device=device)
-        _BUFFERS[key] = buf
+        buffers[key] = buf
     return buf[:numel]
 
 
