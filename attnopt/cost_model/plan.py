@@ -355,6 +355,15 @@ def _json_default(obj: Any) -> Any:
 _sha256 = file_sha256
 
 
+class _NotFinite(Exception):
+    pass
+
+
+def _refuse_constant(name: str):
+    """NaN and Infinity are refused anywhere in plan.json, free-form site structures included."""
+    raise _NotFinite(name)
+
+
 def load_plan(directory: str | os.PathLike) -> Plan:
     """Read and fully validate a plan directory written by :meth:`Plan.save`.
 
@@ -379,7 +388,11 @@ def load_plan(directory: str | os.PathLike) -> Plan:
         )
     checks.check_size(plan_path, checks.MAX_PLAN_JSON_BYTES)
     try:
-        data = json.loads(plan_path.read_bytes().decode("utf-8"))
+        data = json.loads(plan_path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except _NotFinite as e:
+        raise ValueError(
+            f"Expected only finite numbers in {plan_path}, but it holds {e}. Re-save the plan."
+        ) from e
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(
             " ".join(f"Expected valid JSON in {plan_path}, but it is corrupted or truncated ({e}). Re-save the plan.".split())
