@@ -6,11 +6,12 @@ A plan directory holds
   the sites' structures, one entry per site (family, config JSON, parameter keys, predicted and
   measured latency, error, notes), the Pareto front, the explanation and planning timings;
 * ``params.safetensors`` — every fitted tensor, keyed ``"<site>/<index>"``; its SHA-256 is
-  recorded in ``plan.json`` so a corrupted or swapped file is caught on load;
+  recorded in ``plan.json`` so a corrupted or swapped file is caught on load, and so is the
+  SHA-256 of ``plan.json``'s own content (``files.plan_sha256``);
 * ``report.md`` and PNG plots (Pareto front; per-head attention distance when calibration
   statistics are given) for people — never read back.
 
-:func:`load_plan` checks schema version, completeness and the params file before returning.
+:func:`load_plan` validates everything (:mod:`attnopt.cost_model.plan_checks`) before returning.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from attnopt.cost_model import plan_checks as checks
 from attnopt.cost_model.budget import Budget
+from attnopt.cost_model.plan_checks import content_sha256, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnopt.replacements.base import FamilyConfig
@@ -273,33 +276,70 @@ class Plan:
     ) -> pathlib.Path:
         """Write the plan directory (see the module docstring) and return its path.
 
+        The save is atomic for readers: every file is first written into a staging folder
+        inside ``directory`` (same file system, so renames are atomic), then moved into place
+        with ``plan.json`` last. A crash before that leaves the previous plan intact; a crash
+        after the params file moved but before ``plan.json`` leaves the old ``plan.json``,
+        whose recorded SHA-256 then refuses the new params — never a half-written file loaded.
+
         Args:
             stats: optional ``{site: SiteStats}``; adds the attention-distance heatmap.
             sources: optional ``{file name: text}`` (generated kernel sources) written under ``kernels/``.
         """
+        import shutil
+        import tempfile
+
         from safetensors.torch import save_file
 
         from attnopt.cost_model.report import write_report
 
         d = pathlib.Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            f"{e.site}/{i}": p.detach().to("cpu").contiguous()
-            for e in self.entries
-            for i, p in enumerate(e.params)
-        }
-        save_file(tensors, str(d / PARAMS_FILE), metadata={"format": "attnopt-plan-params"})
-        data = self.to_json()
-        data["files"] = {"params": PARAMS_FILE, "params_sha256": _sha256(d / PARAMS_FILE)}
-        tmp = d / (PLAN_FILE + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default))
-        tmp.replace(d / PLAN_FILE)
-        for name, text in (sources or {}).items():
-            path = d / "kernels" / pathlib.Path(name).name
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(text)
-        write_report(self, d, stats=stats)
+        stage = pathlib.Path(tempfile.mkdtemp(prefix=".attnopt-save-", dir=d))
+        try:
+            tensors = {
+                f"{e.site}/{i}": p.detach().to("cpu").contiguous()
+                for e in self.entries
+                for i, p in enumerate(e.params)
+            }
+            save_file(tensors, str(stage / PARAMS_FILE), metadata={"format": "attnopt-plan-params"})
+            data = json.loads(json.dumps(self.to_json(), default=_json_default))
+            data["files"] = {
+                "params": PARAMS_FILE,
+                "params_sha256": _sha256(stage / PARAMS_FILE),
+                "plan_sha256": content_sha256(data),
+            }
+            _write_synced(stage / PLAN_FILE, json.dumps(data, indent=2, sort_keys=True))
+            for name, text in (sources or {}).items():
+                path = stage / "kernels" / pathlib.Path(name).name
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(text)
+            write_report(self, stage, stats=stats)
+            _fsync(stage / PARAMS_FILE)
+            for path in sorted(stage.rglob("*"), key=lambda q: (q.name == PLAN_FILE, str(q))):
+                if path.is_file():
+                    dest = d / path.relative_to(stage)
+                    dest.parent.mkdir(exist_ok=True)
+                    os.replace(path, dest)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         return d
+
+
+def _write_synced(path: pathlib.Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: pathlib.Path) -> None:
+    """Flush ``path`` to disk so a rename after it never exposes a file still in the page cache only."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _ms(seconds: float | None) -> str:
@@ -312,25 +352,30 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Expected JSON data in a plan, but got {type(obj).__name__}.")
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = file_sha256
 
 
-_REQUIRED = ("schema_version", "budget", "fingerprint", "entries", "files")
-_REQUIRED_ENTRY = ("site", "family", "config", "param_keys", "error")
+class _NotFinite(Exception):
+    pass
+
+
+def _refuse_constant(name: str):
+    """NaN and Infinity are refused anywhere in plan.json, free-form site structures included."""
+    raise _NotFinite(name)
 
 
 def load_plan(directory: str | os.PathLike) -> Plan:
-    """Read a plan directory written by :meth:`Plan.save`.
+    """Read and fully validate a plan directory written by :meth:`Plan.save`.
+
+    Plans are data from strangers, so nothing is trusted before it is checked (see
+    :mod:`attnopt.cost_model.plan_checks`): sizes before reading, every JSON field's type,
+    families and their configs, the params file name (confined to the directory), both
+    SHA-256s, the safetensors header, and that the tensors are exactly those the entries name.
+    Tensors are read with ``safetensors`` only, never with pickle.
 
     Raises:
         FileNotFoundError: ``plan.json`` or ``params.safetensors`` missing (named in the message).
-        ValueError: a newer schema, invalid/truncated JSON, missing fields, or a params file that
-            does not match the hash recorded in ``plan.json`` or lacks a tensor an entry names.
+        ValueError: anything else wrong, in one sentence naming the file and the field.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -341,66 +386,64 @@ def load_plan(directory: str | os.PathLike) -> Plan:
         raise FileNotFoundError(
             f"Expected a plan file at {plan_path}, but it does not exist. Save a plan with Plan.save()."
         )
+    checks.check_size(plan_path, checks.MAX_PLAN_JSON_BYTES)
     try:
-        data = json.loads(plan_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(plan_path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except _NotFinite as e:
         raise ValueError(
-            f"Expected valid JSON in {plan_path}, but it is corrupted or truncated ({e}). Re-save the plan."
+            f"Expected only finite numbers in {plan_path}, but it holds {e}. Re-save the plan."
+        ) from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(
+            " ".join(f"Expected valid JSON in {plan_path}, but it is corrupted or truncated ({e}). Re-save the plan.".split())
         ) from e
     if not isinstance(data, dict):
         raise ValueError(
             f"Expected a JSON object in {plan_path}, but got {type(data).__name__}. Re-save the plan."
         )
     version = data.get("schema_version")
-    if not isinstance(version, int):
-        raise ValueError(
-            f"Expected an integer schema_version in {plan_path}, but got {version!r}. Re-save the plan."
-        )
+    if not checks.is_int(version):
+        raise checks.fail(plan_path, "schema_version", "an integer", version)
     if version > PLAN_SCHEMA_VERSION:
-        written = data.get("versions", {}).get("attnopt", "a newer attnopt")
+        versions = data.get("versions")
+        written = versions.get("attnopt") if isinstance(versions, dict) else None
         raise ValueError(
             f"Expected plan schema version <= {PLAN_SCHEMA_VERSION}, but {plan_path} has version {version} "
-            f"(written by attnopt {written}). Upgrade attnopt to load this plan."
+            f"(written by attnopt {written if isinstance(written, str) else 'a newer attnopt'!s:.40}). "
+            "Upgrade attnopt to load this plan."
         )
-    missing = [k for k in _REQUIRED if k not in data]
-    missing += [
-        f"entries[{i}].{k}"
-        for i, e in enumerate(data.get("entries", []))
-        for k in _REQUIRED_ENTRY
-        if k not in e
-    ]
-    if missing:
+    checks.check_missing(plan_path, data)
+    data = checks.migrate(plan_path, data, PLAN_SCHEMA_VERSION)
+    checks.check_top_level(plan_path, data)
+    checks.check_entries(plan_path, data["entries"])
+    budget = checks.check_budget(plan_path, data["budget"])
+    files = data["files"]
+    if "plan_sha256" in files and checks.content_sha256(data) != files["plan_sha256"]:
         raise ValueError(
-            f"Expected a complete plan in {plan_path}, but it lacks {missing}. Re-save the plan."
+            f"Expected the content of {plan_path} to match its recorded files.plan_sha256, but it differs "
+            "(corrupted or edited). Re-save the plan."
         )
-    params_path = d / data["files"].get("params", PARAMS_FILE)
-    if not params_path.is_file():
-        raise FileNotFoundError(
-            f"Expected the plan's tensors at {params_path}, but the file is missing. Re-save the plan."
-        )
-    if _sha256(params_path) != data["files"].get("params_sha256"):
+    params_path = checks.check_params_name(plan_path, d, files.get("params", PARAMS_FILE))
+    if _sha256(params_path) != files["params_sha256"]:
         raise ValueError(
             f"Expected {params_path} to match the SHA-256 recorded in {plan_path}, but it differs "
             "(corrupted or from another plan). Re-save the plan."
         )
+    keys = [k for e in data["entries"] for k in e["param_keys"]]
+    checks.check_params_header(params_path, keys)
     try:
         tensors = load_file(str(params_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(
-            f"Expected a readable safetensors file at {params_path}, but got: {e}. Re-save the plan."
+            " ".join(f"Expected a readable safetensors file at {params_path}, but got: {e}. Re-save the plan.".split())
         ) from e
     entries = []
     for e in data["entries"]:
-        absent = [k for k in e["param_keys"] if k not in tensors]
-        if absent:
-            raise ValueError(
-                f"Expected tensors {absent} in {params_path}, but they are missing. Re-save the plan."
-            )
-        fields = {k: e.get(k) for k in PlanEntry.__dataclass_fields__ if k not in ("params",) and k in e}
+        fields = {k: e[k] for k in PlanEntry.__dataclass_fields__ if k != "params" and k in e}
         entries.append(PlanEntry(params=[tensors[k] for k in e["param_keys"]], **fields))
     return Plan(
         entries=entries,
-        budget=Budget.from_json(data["budget"]),
+        budget=budget,
         device=data.get("device", ""),
         target=data.get("target", ""),
         fingerprint=data["fingerprint"],
@@ -414,5 +457,5 @@ def load_plan(directory: str | os.PathLike) -> Plan:
         parts=data.get("parts", [""]),
         steps=data.get("steps", []),
         modules=data.get("modules", {}),
-        schema_version=version,
+        schema_version=data["schema_version"],
     )

@@ -11,6 +11,7 @@ from attnopt.cost_model import SEED_PROFILES, Budget, load_plan, make_plan, make
 from attnopt.cost_model.plan import PLAN_SCHEMA_VERSION, Plan, PlanEntry, fingerprint
 from attnopt.replacements.base import Candidate
 from attnopt.replacements.exact import ExactConfig, dense_cost
+from attnopt.replacements.quantized import QuantizedConfig
 
 
 def _sites(n: int = 3, heads: int = 4, seq: int = 256, head_dim: int = 32):
@@ -152,7 +153,7 @@ def _candidates(sites, density: float, error: float):
     for s in sites:
         cost = dense_cost(s, density=density)
         out[s.name] = [
-            Candidate(site=s.name, family="quantized", config=ExactConfig(), cost=cost, error=error)
+            Candidate(site=s.name, family="quantized", config=QuantizedConfig(), cost=cost, error=error)
         ]
     return out
 
