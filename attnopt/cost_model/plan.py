@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from attnopt.cost_model import plan_checks as checks
+import attnopt.cost_model.plan_checks as checks
 from attnopt.cost_model.budget import Budget
 from attnopt.cost_model.plan_checks import content_sha256, file_sha256
 
