@@ -24,7 +24,7 @@ import torch
 from attnopt.cost_model._timing import median_time, paired_ratio
 from attnopt.cost_model.device_profile import DeviceProfile
 from attnopt.patterns.site import AttentionSite
-from attnopt.replacements.base import Candidate, CostFormula
+from attnopt.replacements.base import FAMILIES, Candidate, CostFormula, rewrites_weights
 
 __all__ = [
     "causal_work_factor",
@@ -175,16 +175,6 @@ def clear_latency_cache() -> None:
     _CACHE.clear()
 
 
-def _family_or_none(name: str) -> Any:
-    """The registered family ``name``, or None (tests time ad-hoc families that only have kernels)."""
-    from attnopt.replacements.base import get_family
-
-    try:
-        return get_family(name)
-    except ValueError:
-        return None
-
-
 def _runner(site: AttentionSite, candidate: Candidate, q, k, v, attn_mask) -> tuple[Any, tuple[Any, ...]]:
     """(a call of ``candidate``'s operator on these tensors, its cache key)."""
     from attnopt.codegen.ops import op_for
@@ -192,9 +182,8 @@ def _runner(site: AttentionSite, candidate: Candidate, q, k, v, attn_mask) -> tu
     family = candidate.family
     params = list(candidate.params)
     cfg = op_config(site, candidate)
-    fam = _family_or_none(family)
-    if fam is not None and fam.rewrites_weights:  # the rewritten model runs exact attention, smaller
-        q, k, v = fam.applied_inputs(candidate, q, k, v)
+    if rewrites_weights(family):  # the rewritten model runs exact attention, smaller
+        q, k, v = FAMILIES[family].applied_inputs(candidate, q, k, v)
         family, params = "exact", []
         cfg = json.dumps({**json.loads(cfg), "family": "exact", "config": {}}, sort_keys=True)
     key = (
