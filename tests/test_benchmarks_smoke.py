@@ -178,3 +178,34 @@ def test_whole_model_smoke_runs_every_configuration(tmp_path):
     md = (tmp_path / "whole_model-smoke.md").read_text()
     assert "| model | N | eager ms |" in md and report["meta"]["versions"]["torch"] in md
     assert json.loads((tmp_path / "whole_model-smoke.json").read_text())["meta"]["mode"] == "smoke"
+
+
+# -- benchmarks/gpu_check.py: the prepared device run (its phases need a GPU; its plumbing does not) --------
+
+
+def test_gpu_check_dry_run_names_every_phase(tmp_path, capsys):
+    summary = _load_script("gpu_check").main(["--dry-run", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for phase, script in (("tests", "test_triton_"), ("kernels", "benchmarks/kernels.py"),
+                          ("e2e", "benchmarks/end_to_end.py")):  # fmt: skip
+        assert any(line.startswith(phase) and script in line for line in printed.splitlines()), phase
+    assert summary["phases"] == [] and (tmp_path / "gpu_check.md").exists()
+
+
+def test_gpu_check_summarises_results_and_cut_short_runs(tmp_path, e2e_report):
+    mod = _load_script("gpu_check")
+    rows = [dict(name="sdpa_cudnn", n=8192, dtype="bfloat16", mask="causal", ms=2.0, tflops_dense_equiv=1.0,
+                 tflops_useful=1.0, rel_err=0.002, density=1.0, note=""),
+            dict(name="attnopt_block_sparse_native", n=8192, dtype="bfloat16", mask="sink128+window1024", ms=0.5,
+                 tflops_dense_equiv=4.0, tflops_useful=1.0, rel_err=0.003, density=0.25, note="")]  # fmt: skip
+    # kernels.py killed before it wrote its files: the rows it printed to the log are used
+    log = "\n===== kernels: cmd\n" + "\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "gpu_check.log").write_text(log)
+    got = mod.kernel_summary(tmp_path)
+    assert [r["vs_best_sdpa"] for r in got] == [1.0, 4.0]
+    (tmp_path / "end_to_end.json").write_text(json.dumps(e2e_report[0], default=str))
+    e2e, targets = mod.e2e_summary(tmp_path)
+    md = mod.to_markdown(dict(env={"device": "H200"}, date="today", wall_s=1.0, kernels=got, e2e=e2e,
+                              targets=targets, phases=[{"phase": "tests", "status": "ok", "wall_s": 3.0}]))  # fmt: skip
+    assert "attnopt_block_sparse_native" in md and "attnopt_2x" in md and "| tests | ok |" in md
+    assert mod.pytest_counts("x\n3 failed, 40 passed, 2 skipped in 9.1s") == {"failed": 3, "passed": 40, "skipped": 2}
