@@ -68,10 +68,12 @@ _TABLE: dict[str, tuple[set, set, set]] = {
     "transpose": ({torch.transpose}, {"transpose"}, _ov("transpose", "int")),
     "t": ({torch.t}, {"t"}, _ov("t", "default")),
     "permute": ({torch.permute}, {"permute"}, _ov("permute", "default")),
+    # ``flatten`` is a reshape too (``x.unsqueeze(2).expand(...).flatten(1, 2)`` repeats KV heads).
     "reshape": (
-        {torch.reshape},
-        {"view", "reshape"},
-        _ov("view", "default") | _ov("reshape", "default") | _ov("_unsafe_view", "default"),
+        {torch.reshape, torch.flatten},
+        {"view", "reshape", "flatten"},
+        _ov("view", "default") | _ov("reshape", "default") | _ov("_unsafe_view", "default")
+        | _ov("flatten", "using_ints"),
     ),
     "expand": (set(), {"expand"}, _ov("expand", "default")),
     "unsqueeze": ({torch.unsqueeze}, {"unsqueeze"}, _ov("unsqueeze", "default")),

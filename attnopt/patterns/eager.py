@@ -22,7 +22,13 @@ from attnopt.patterns.context import GraphContext
 from attnopt.patterns.eager_walks import Scores, lead_regroup, walk_probs, walk_scores
 from attnopt.patterns.matchutil import op_arg, prescale, skip, value_of
 from attnopt.patterns.records import SiteMatch
-from attnopt.patterns.walk import fold_repeat_kv, fold_scalar_scale, strip_identity, strip_transpose_last2
+from attnopt.patterns.walk import (
+    fold_regrouped_repeat_kv,
+    fold_repeat_kv,
+    fold_scalar_scale,
+    strip_identity,
+    strip_transpose_last2,
+)
 
 __all__ = ["match_eager_softmax"]
 
@@ -56,6 +62,8 @@ def match_eager_softmax(ctx: GraphContext, node: fx.Node, op: Op) -> SiteMatch |
     pv, pchain, drop, external = probs
     qk_op = canon(scores.qk, ctx.gm)
     pv_op = canon(pv, ctx.gm)
+    if _depends_on(_second_operand(pv_op), node):
+        return skip(node, "the product after the softmax multiplies something computed from the probabilities, not V")
     if qk_op.kind == "einsum" or pv_op.kind == "einsum":
         m = _einsum_match(ctx, node, scores, qk_op, pv, pv_op)
     else:
@@ -86,10 +94,14 @@ def _matmul_match(ctx, anchor, scores: Scores, qk_op: Op, pv: fx.Node, pv_op: Op
     k_t, k_is_t = strip_transpose_last2(b, ctx.gm)
     k_pre, k_scale = fold_scalar_scale(k_t, ctx.gm, resolve) if k_is_t else (k_t, 1.0)
     scale = scores.scale * q_scale * kt_scale * k_scale
-    hidden = prescale(q, ctx) * (prescale(k_pre, ctx) if k_is_t else 1.0)
     qs, vs = node_shape(q), node_shape(v)
     if qs is None or vs is None or len(qs) not in (3, 4):
         return skip(anchor, "Q·Kᵀ operands are not 3-D or 4-D")
+    # a scale on K before its heads were repeated (GQA) still scales every score
+    k_unrepeated = k_pre
+    if k_is_t:
+        k_unrepeated, _ = (fold_repeat_kv if len(qs) == 4 else fold_regrouped_repeat_kv)(k_pre, ctx.gm)
+    hidden = prescale(q, ctx) * (prescale(k_unrepeated, ctx) if k_is_t else 1.0)
     if len(qs) == 4:
         k_base, rep = fold_repeat_kv(k_pre, ctx.gm) if k_is_t else (k_pre, 1)
         v_base, rep_v = fold_repeat_kv(v, ctx.gm)
@@ -112,10 +124,42 @@ def _matmul_match(ctx, anchor, scores: Scores, qk_op: Op, pv: fx.Node, pv_op: Op
             k=k_pre, v=v, num_heads=heads, num_kv_heads=heads, head_dim=d, head_dim_v=vs[-1], batch=batch,
             q_len=nq, kv_len=ks[1] if k_is_t else ks[2], q_form=form, k_form=form, v_form=form, out_form=form,
         )  # fmt: skip
+        # K and V repeated per query head before the (B*H, N, D) view: keep the KV heads (GQA)
+        k_base, rep = fold_regrouped_repeat_kv(k_pre, ctx.gm) if k_is_t else (k_pre, 1)
+        v_base, rep_v = fold_regrouped_repeat_kv(v, ctx.gm)
+        if rep > 1 and rep == rep_v and heads % rep == 0:
+            layout.update(k=k_base, v=v_base, num_kv_heads=heads // rep, k_form="bhnd", v_form="bhnd")
     return SiteMatch(
         pattern="eager_softmax", anchor=anchor, output=pv, q=q, scale=scale * hidden, op_scale=scale,
         k_transposed=not k_is_t, **layout,
     )  # fmt: skip
+
+
+def _second_operand(op: Op) -> Any:
+    if op.kind == "einsum":
+        return _einsum_parts(op)[2][1]
+    return op.args[1]
+
+
+def _depends_on(x: Any, anchor: fx.Node, limit: int = 256) -> bool:
+    """Whether graph value ``x`` is computed from ``anchor`` (only nodes after it in graph order
+    can be; the walk is bounded and answers True when it cannot finish, so a doubtful V is refused)."""
+    if not isinstance(x, fx.Node):
+        return False
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    start = order[anchor]
+    todo, seen = [x], set()
+    while todo:
+        n = todo.pop()
+        if n is anchor:
+            return True
+        if n in seen or order.get(n, -1) <= start:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return True
+        todo.extend(a for a in n.all_input_nodes)
+    return False
 
 
 def _heads_from_layout(x: Any, d: int, ctx: GraphContext) -> int | None:
@@ -169,7 +213,16 @@ def _einsum_match(ctx, anchor, scores: Scores, qk_op: Op, pv: fx.Node, pv_op: Op
     perm_k = [ka.index(c) for c in want_k]
     perm_v = [va_r.index(c) for c in want_v]
     perm_o = [got_o.index(c) for c in o_r]
-    q, q_scale = fold_scalar_scale(q_in, ctx.gm)
+    resolve = value_of(ctx)
+    q, q_scale = fold_scalar_scale(q_in, ctx.gm, resolve)
+    if len(perm_k) == 4 and len(perm_v) == 4:  # K and V repeated per query head: keep the KV heads
+        k_base, rep = fold_repeat_kv(k_in, ctx.gm, axis=perm_k[1])
+        v_base, rep_v = fold_repeat_kv(v_in, ctx.gm, axis=perm_v[1])
+        if rep > 1 and rep == rep_v:
+            k_in, v_in = k_base, v_base
+    k_in, k_scale = fold_scalar_scale(k_in, ctx.gm, resolve)
+    op_scale = scores.scale * q_scale * k_scale
+    hidden = prescale(q, ctx) * prescale(k_in, ctx)  # scales applied before the head view (Whisper)
     qs, ks, vs = node_shape(q), node_shape(k_in), node_shape(v_in)
     qb = [qs[i] for i in perm_q]
     kb = [ks[i] for i in perm_k]
@@ -183,7 +236,8 @@ def _einsum_match(ctx, anchor, scores: Scores, qk_op: Op, pv: fx.Node, pv_op: Op
         q=q,
         k=k_in,
         v=v_in,
-        scale=scores.scale * q_scale,
+        scale=op_scale * hidden,
+        op_scale=op_scale,
         num_heads=qb[1],
         num_kv_heads=kb[1],
         head_dim=qb[3],

@@ -182,11 +182,15 @@ def _classify_mask(ctx: GraphContext, m: SiteMatch) -> tuple[str, int | None, bo
     kind, window = classify_allowed(allowed)
     causal = kind in ("causal", "sliding_window")
     if kind == "padding":
-        causal = m.q_len > 1 and not bool(
-            (allowed & ~causal_allowed(m.q_len, m.kv_len, allowed.device)).any()
+        # Causal only when the example shows it: inside the causal triangle, and not a plain key-padding
+        # mask (whose rows are the same for every query and happen to fit the triangle when one key is kept).
+        causal = (
+            m.q_len > 1
+            and not bool((allowed & ~causal_allowed(m.q_len, m.kv_len, allowed.device)).any())
+            and bool((allowed != allowed[..., :1, :]).any())
         )
-    if not static and kind == "none":
-        kind = "padding"
+    if not static and kind in ("none", "causal"):
+        kind = "padding"  # computed from the inputs: this example kept every key, the next may not
     return kind, window, static, causal, None
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "strip_identity",
     "strip_transpose_last2",
     "fold_repeat_kv",
+    "fold_regrouped_repeat_kv",
     "fold_scalar_scale",
     "find_projection",
     "linear_input",
@@ -149,12 +150,13 @@ def prescale_under_layout(
     return factor
 
 
-def fold_repeat_kv(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any, int]:
-    """Undo GQA/MQA head repetition; return ``(base, n_rep)``.
+def fold_repeat_kv(node: Any, gm: fx.GraphModule | None = None, axis: int = 1) -> tuple[Any, int]:
+    """Undo GQA/MQA head repetition along the heads ``axis`` of a 4-D tensor; return ``(base, n_rep)``.
 
-    Recognises ``x[:, :, None].expand(B, Hkv, r, N, D).reshape(B, Hkv*r, N, D)`` (HF
-    ``repeat_kv``, in torch, dynamo and aten spellings, with optional copies between) and
-    ``x.repeat_interleave(r, dim=1)``.
+    Recognises ``x.unsqueeze(axis + 1).expand(...)`` followed by a ``reshape``/``view``/``flatten``
+    that merges the new dim into the heads (HF ``repeat_kv`` at ``axis=1``, in torch, dynamo and
+    aten spellings, with optional copies between) and ``x.repeat_interleave(r, dim=axis)``.
+    ``axis`` is 1 for ``(B, H, N, D)`` and 2 for ``(B, N, H, D)`` (einsum-written attention).
     """
     start = strip_identity(node, gm)
     op = canon(start, gm)
@@ -164,7 +166,7 @@ def fold_repeat_kv(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any, in
     if op.kind == "repeat_interleave":
         reps = op.args[1] if len(op.args) > 1 else op.kwargs.get("repeats")
         dim = op.kwargs.get("dim", op.args[2] if len(op.args) > 2 else None)
-        if isinstance(reps, int) and dim is not None and _norm_dim(int(dim), 4) == 1:
+        if isinstance(reps, int) and dim is not None and _norm_dim(int(dim), 4) == axis:
             return op.input, reps
         return node, 1
     if op.kind != "reshape":
@@ -184,12 +186,30 @@ def fold_repeat_kv(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any, in
         or len(ushape) != 5
     ):
         return node, 1
-    if ushape[2] != 1:
+    if ushape[axis + 1] != 1:
         return node, 1
-    b, hkv, r, n, d = eshape
-    if out_shape != (b, hkv * r, n, d):
+    r = eshape[axis + 1]
+    merged = (*eshape[:axis], eshape[axis] * r, *eshape[axis + 2 :])
+    if tuple(out_shape) != merged:
         return node, 1
     return uop.input, r
+
+
+def fold_regrouped_repeat_kv(node: Any, gm: fx.GraphModule | None = None) -> tuple[Any, int]:
+    """:func:`fold_repeat_kv` under a ``(B, H, N, D) -> (B*H, N, D)`` view (Bloom-style layouts).
+
+    Returns the 4-D base ``(B, Hkv, N, D)`` and the repeat, or ``(node, 1)`` when ``node`` is not
+    such a view of a repeated tensor.
+    """
+    start = strip_identity(node, gm)
+    op = canon(start, gm)
+    src, dst = (node_shape(op.input), node_shape(start)) if op is not None and op.kind == "reshape" else (None, None)
+    if src is None or dst is None or len(src) != 4 or len(dst) != 3 or src[0] * src[1] != dst[0]:
+        return node, 1
+    if tuple(src[2:]) != tuple(dst[1:]):
+        return node, 1
+    base, rep = fold_repeat_kv(op.input, gm)
+    return (base, rep) if rep > 1 else (node, 1)
 
 
 @dataclass
