@@ -44,6 +44,7 @@ def test_softmaxes_that_are_not_attention_are_never_rewritten(kind, spec):
 
 # -- the bugs the generator found, pinned as plain tests ---------------------------------------------
 
+
 @pytest.mark.parametrize(
     "spec",
     [
