@@ -337,6 +337,7 @@ def quantized_attention(
     block_m: int = 64,
     block_n: int = 64,
     smooth: bool = True,
+    pv_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention with quantized Q·Kᵀ (module docstring); ``qk_format="native"`` is plain flash.
@@ -348,6 +349,9 @@ def quantized_attention(
         qk_format: ``"int8"``, ``"fp8"`` (sm89+) or ``"native"``.
         block_m, block_n: quantization blocks = kernel tiles (fixed, so numerics never depend on tuning).
         smooth: subtract K's mean before quantizing (exact under softmax; off only to compare).
+        pv_dtype: the dtype P̃ and V take in the P·V dot (the family's ``pv_format``); default v's.
+            Q and K are quantized from their own dtype and the output keeps v's, so an fp32 or
+            bf16 model loses nothing outside the P·V rounding its plan measured.
         out: optional preallocated output ``(B, Hq, Nq, Dv)`` in v's dtype.
 
     Returns:
@@ -362,6 +366,10 @@ def quantized_attention(
         raise ValueError(f"quantized_attention: expected window >= 1 or None, but got {window}.")
     scale = default_scale(scale, dims.head_dim)
     out = make_out(q, v, out, dims, where="quantized_attention")
+    if pv_dtype is not None and pv_dtype != v.dtype:
+        v = v.to(pv_dtype)
+        if qk_format == "native":  # one dtype through both dots, as plain flash
+            q, k = q.to(pv_dtype), k.to(pv_dtype)
     q_in, k_in, qs, ks = prepare_quantized_qk(q, k, qk_format, block_m, block_n, smooth=smooth, scale=scale)
     q_in, k_in = kernel_view(q_in), kernel_view(k_in)
     qk_mode_ = qk_mode(qk_format)
@@ -419,9 +427,7 @@ def quantized_kernel(call: AttentionCall) -> torch.Tensor:
     reason = _unsupported(cfg, call)
     if reason is not None:
         return portable_fallback("quantized", call, reason)
-    v = call.v.to(_PV_DTYPES[cfg.pv_format])
-    q, k = call.q.to(v.dtype), call.k.to(v.dtype)
     return quantized_attention(
-        q, k, v, scale=call.scale, causal=call.causal, window=call.window, qk_format=cfg.qk_format,
-        block_m=cfg.q_block, block_n=cfg.k_block, smooth=cfg.smooth_k,
+        call.q, call.k, call.v, scale=call.scale, causal=call.causal, window=call.window, qk_format=cfg.qk_format,
+        block_m=cfg.q_block, block_n=cfg.k_block, smooth=cfg.smooth_k, pv_dtype=_PV_DTYPES[cfg.pv_format],
     )  # fmt: skip
