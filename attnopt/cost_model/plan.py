@@ -303,12 +303,17 @@ class Plan:
                 for i, p in enumerate(e.params)
             }
             save_file(tensors, str(stage / PARAMS_FILE), metadata={"format": "attnopt-plan-params"})
-            data = json.loads(json.dumps(self.to_json(), default=_json_default))
+            data = checks.finite_for_saving(json.loads(json.dumps(self.to_json(), default=_json_default)))
             data["files"] = {
                 "params": PARAMS_FILE,
                 "params_sha256": _sha256(stage / PARAMS_FILE),
                 "plan_sha256": content_sha256(data),
             }
+            # Never write what load_plan would refuse: the same rules, before anything moves.
+            checks.check_missing(d / PLAN_FILE, data)
+            checks.check_top_level(d / PLAN_FILE, data)
+            checks.check_entries(d / PLAN_FILE, data["entries"])
+            checks.check_budget(d / PLAN_FILE, data["budget"])
             _write_synced(stage / PLAN_FILE, json.dumps(data, indent=2, sort_keys=True))
             for name, text in (sources or {}).items():
                 path = stage / "kernels" / pathlib.Path(name).name

@@ -223,6 +223,8 @@ _ENTRY = {
     "end_to_end": (lambda v: v is None or is_num(v), "a finite number or null"),
 }
 REQUIRED_ENTRY = ("site", "family", "config", "param_keys", "error")
+#: Entry fields that may be null: an unmeasured number (see :func:`finite_for_saving`).
+_OPTIONAL_ENTRY_NUMBERS = frozenset(k for k, (ok, _) in _ENTRY.items() if ok(None))
 
 
 def check_missing(path: pathlib.Path, data: dict[str, Any]) -> None:
@@ -411,3 +413,43 @@ def check_params_header(path: pathlib.Path, keys: list[str]) -> None:
             raise fail(path, f"tensor {k!r} data_offsets", "two offsets inside the file", off)
         if off[1] - off[0] != math.prod(shape) * DTYPE_SIZES[t["dtype"]]:
             raise fail(path, f"tensor {k!r} data_offsets", "a span matching its shape and dtype", off)
+
+
+def _non_finite(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
+def _drop_non_finite(obj: Any) -> Any:
+    """``obj`` without the NaN/Infinity values of its free-form maps and lists, at any depth."""
+    if isinstance(obj, dict):
+        return {k: _drop_non_finite(v) for k, v in obj.items() if not _non_finite(v)}
+    if isinstance(obj, list):
+        return [_drop_non_finite(v) for v in obj if not _non_finite(v)]
+    return obj
+
+
+def finite_for_saving(data: dict[str, Any]) -> dict[str, Any]:
+    """``plan.json`` content that :func:`load_plan`'s rules accept: no NaN or Infinity anywhere.
+
+    JSON has no finite spelling of them and loading refuses them (a stranger's file must not
+    smuggle a NaN into a budget), so saving must never write them either. Free-form numbers (totals,
+    timings, Pareto points, site structures) that are not finite are left out, being no measurement;
+    an entry's optional measurement becomes null. An entry's ``error`` is what the plan was judged
+    by, so a non-finite one is refused, naming the site, rather than silently written as another number.
+    """
+    out = {k: (v if k in ("entries", "budget") else _drop_non_finite(v)) for k, v in data.items()}
+    entries = []
+    for e in data.get("entries", []):
+        e = dict(e)
+        for k, v in list(e.items()):
+            if not _non_finite(v):
+                continue
+            if k not in _OPTIONAL_ENTRY_NUMBERS:
+                raise ValueError(
+                    f"Expected a finite {k} for site {e.get('site', '?')!r} to save the plan, but got {v}. "
+                    "Re-plan; a candidate whose error cannot be measured must not be chosen."
+                )
+            e[k] = None
+        entries.append(_drop_non_finite(e))
+    out["entries"] = entries
+    return out

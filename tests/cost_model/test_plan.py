@@ -353,3 +353,33 @@ def test_a_failed_check_sets_the_worst_site_to_exact_when_planned_on_site_errors
     got, steps = validate_and_tighten(PlanProblem.create(sites, cands, budget, **kwargs), plan, check)
     assert all("set to exact, re-solved" in s for s in steps[:-1]) and steps[-1].startswith("validated")
     assert sum(e.family != "exact" for e in got.entries) == 1
+
+
+def test_a_plan_holding_non_finite_numbers_saves_to_one_that_loads(tmp_path):
+    """Saving never writes what loading refuses: NaN/Infinity measurements are left out or null."""
+    sites = _sites()
+    plan = _plan(sites)
+    plan.totals["speedup"] = float("inf")
+    plan.timings["solve"] = float("nan")
+    plan.pareto.append({"seconds": 4e-3, "error": float("inf"), "speedup": 1.5})
+    plan.entries[0].cosine = float("nan")
+    plan.entries[0].end_to_end = float("-inf")
+    plan.save(tmp_path)
+    loaded = load_plan(tmp_path)
+    assert "speedup" not in loaded.totals and loaded.totals["planned_s"] == 5e-3
+    assert "solve" not in loaded.timings
+    assert loaded.pareto[-1] == {"seconds": 4e-3, "speedup": 1.5}
+    assert loaded.entries[0].cosine is None and loaded.entries[0].end_to_end is None
+    assert loaded.entries[0].error == plan.entries[0].error
+
+
+def test_a_non_finite_error_is_refused_at_save_naming_the_site(tmp_path):
+    sites = _sites()
+    plan = _plan(sites)
+    plan.save(tmp_path)
+    before = (tmp_path / "plan.json").read_bytes()
+    plan.entries[0].error = float("nan")
+    with pytest.raises(ValueError, match=r"finite error for site 'model.layers.0.self_attn#0'"):
+        plan.save(tmp_path)
+    assert (tmp_path / "plan.json").read_bytes() == before  # the previous plan is untouched
+    load_plan(tmp_path)
