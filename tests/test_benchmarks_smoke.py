@@ -209,3 +209,15 @@ def test_gpu_check_summarises_results_and_cut_short_runs(tmp_path, e2e_report):
                               targets=targets, phases=[{"phase": "tests", "status": "ok", "wall_s": 3.0}]))  # fmt: skip
     assert "attnopt_block_sparse_native" in md and "attnopt_2x" in md and "| tests | ok |" in md
     assert mod.pytest_counts("x\n3 failed, 40 passed, 2 skipped in 9.1s") == {"failed": 3, "passed": 40, "skipped": 2}
+
+
+def test_fuzz_spellings_smoke_counts_every_property(tmp_path):
+    result = _load_script("fuzz_spellings").main(["--smoke", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "fuzz_spellings.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert set(on_disk["properties"]) == {"found", "rewritten_exactly", "negatives_rejected"}
+    for name, t in on_disk["properties"].items():
+        assert t["tried"] == 3 and t["passed"] + t["failed"] == 3, name
+        assert t["failed"] == 0, (name, t["failures"])
+        assert sum(t["axes"]["layout"].values()) == 3
+    assert "| found | 3 | 3 | 0 |" in (tmp_path / "fuzz_spellings.md").read_text()
