@@ -17,6 +17,7 @@ import torch
 
 import attnopt
 from attnopt.codegen import ops
+from attnopt.codegen.memo import BoundedCache
 from attnopt.replacements.shared import SharedConfig, shared_params
 
 from .rewriter.test_backend import _SelfAttention
@@ -106,7 +107,7 @@ def test_a_variant_kernel_that_fails_at_run_time_falls_back_to_exact_once_with_a
         raise RuntimeError("a shape this kernel was never planned for")
 
     monkeypatch.setitem(ops.KERNELS, ("shared", "cpu"), broken)
-    monkeypatch.setattr(ops, "_FALLBACKS_WARNED", set())
+    monkeypatch.setattr(ops, "_FALLBACKS_WARNED", BoundedCache("test.fallbacks_warned", 16))
     x = torch.randn(1, 8, 16)
     with pytest.warns(RuntimeWarning, match=f"shared kernel failed at site {site}"), torch.no_grad():
         out = model(x)

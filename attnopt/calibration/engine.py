@@ -2,8 +2,24 @@
 
 The model runs with every site rewritten to the exact operator; an observer hooked into the
 operator sees each site's resolved inputs (q, k, v in ``(B, H, N, D)``, the reduced mask,
-scale, causal/window) exactly as variants will. Memory stays bounded: a few sequences of q/k/v
-are kept, and statistics come from sampled query rows processed one head at a time.
+scale, causal/window) exactly as variants will.
+
+Memory is bounded independently of how many calibration calls there are. With ``S`` =
+``max_sequences``, ``T`` = ``min(N, max_tokens)``, query heads ``H``, KV heads ``Hkv``, head dims
+``D``/``Dv``, what calibration keeps per site is at most
+
+    S * T * (H*D + Hkv*(D + Dv)) * 4 bytes        (q/k/v samples, float32)
+  + S * T * T bytes (bool) or * 4 (additive)      (only if the model passes a mask that is not
+                                                   plain causal/window/none)
+  + (H*H + H*(distance_bins + 2)) * 4 bytes       (running statistics)
+  + MAX_LENGTHS (q_len, kv_len) pairs            (attnopt.patterns.site_stats)
+
+and the transient workspace of one call is one batch row of q/k in float32 plus
+:data:`STATS_CHUNK_ELEMENTS` attention probabilities (16 MiB) and their normalised copy. The
+held-out check keeps the judged part of at most ``REFERENCE_BYTES`` of exact outputs
+(:mod:`attnopt.pipeline.validation`). At codelm's shape (H=4, Hkv=2, D=Dv=64, N=2048, 4
+layers, S=4) the samples are 4 * 2048 * 512 * 4 bytes = 16 MiB per site, 64 MiB for the model,
+whether 4 or 400 calls calibrate. ``benchmarks/memory.py`` measures the peak.
 """
 
 from __future__ import annotations
@@ -22,6 +38,10 @@ __all__ = ["calibrate", "observe", "StatsAccumulator"]
 
 log = logging.getLogger("attnopt.calibration")
 
+#: Largest ``(H, rows, Nk)`` block of attention probabilities formed at once for statistics
+#: (4M elements = 16 MiB in float32); query rows are processed in chunks that fit.
+STATS_CHUNK_ELEMENTS = 1 << 22
+
 
 class StatsAccumulator:
     """Running per-site statistics (means weighted by sampled query rows)."""
@@ -36,7 +56,7 @@ class StatsAccumulator:
         st, cfg = self.stats, self.cfg
         q, k, v = call.q.detach(), call.k.detach(), call.v.detach()
         st.num_calls += 1
-        st.lengths.append((q.shape[-2], k.shape[-2]))
+        st.record_length(q.shape[-2], k.shape[-2])
         st.scale, st.causal, st.window = call.scale, call.causal, call.window
         for b in range(q.shape[0]):
             if len(st.q) >= cfg.max_sequences:
@@ -57,40 +77,49 @@ class StatsAccumulator:
     def _add_attention_stats(self, call: AttentionCall) -> None:
         cfg, st = self.cfg, self.stats
         q, k = call.q[:1].float(), call.k[:1].float()
-        h, nq, _ = q.shape[1:]
+        h, nq, d = q.shape[1:]
         hkv, nk = k.shape[1], k.shape[2]
         rows = torch.randperm(nq, generator=self._gen)[: cfg.query_samples].sort().values.to(q.device)
-        allowed = torch.ones(len(rows), nk, dtype=torch.bool, device=q.device)
-        if call.window:
-            allowed = window_allowed(nq, nk, call.window, q.device)[rows]
-        elif call.causal:
-            allowed = causal_allowed(nq, nk, q.device)[rows]
-        if call.attn_mask is not None:
-            m = call.attn_mask[:1]
-            m = m.expand(*m.shape[:-2], nq, nk)[..., rows, :]
-            extra = m if m.dtype == torch.bool else m > -1.0e3
-            allowed = allowed & extra.reshape(-1, len(rows), nk)[0]
-        pos_q = rows + (nk - nq)
-        dist = (pos_q[:, None] - torch.arange(nk, device=q.device)[None, :]).abs()
-        bins = torch.clamp(torch.log2(dist.float() + 1).floor().long(), max=cfg.distance_bins - 1)
-        sink = torch.zeros(h)
-        dmass = torch.zeros(h, cfg.distance_bins)
-        ent = torch.zeros(h)
-        probs_all = []
-        for hi in range(h):
-            kh = k[0, hi * hkv // h]
-            s = (q[0, hi, rows] @ kh.T) * call.scale
-            s = s.masked_fill(~allowed, float("-inf"))
-            p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-            sink[hi] = p[:, : cfg.sink_tokens].sum(-1).mean().cpu()
-            dmass[hi] = torch.zeros(cfg.distance_bins, device=q.device).index_add_(
-                0, bins.reshape(-1), p.reshape(-1)
-            ).cpu() / len(rows)
-            ent[hi] = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean().cpu()
-            probs_all.append(p.cpu())
+        allowed = _allowed_rows(call, rows, nq, nk)
+        # Query head i reads KV head i*Hkv//H. When KV heads divide the query heads, a group's
+        # queries go through one matmul with their shared keys (no per-query-head copy of K).
+        grouped = h % hkv == 0
+        keys = k[0] if grouped else k[0, torch.arange(h, device=q.device) * hkv // h]
+        groups = hkv if grouped else h
+        sink = torch.zeros(h, dtype=torch.float64)
+        dmass = torch.zeros(h, cfg.distance_bins, dtype=torch.float64)
+        ent = torch.zeros(h, dtype=torch.float64)
+        gram = torch.zeros(h, h, dtype=torch.float64)
+        # Query rows in chunks over all heads at once: the workspace is bounded by
+        # STATS_CHUNK_ELEMENTS (an (H, rows, Nk) block), never (H, query_samples, Nk) at long N.
+        step = max(1, STATS_CHUNK_ELEMENTS // max(h * nk, 1))
+        keys_t = keys.transpose(-1, -2)
+        for lo in range(0, len(rows), step):
+            r = rows[lo : lo + step]
+            qg = q[0][:, r].reshape(groups, -1, d)  # (groups, H/groups * c, D)
+            s = torch.matmul(qg, keys_t).view(h, len(r), nk) * call.scale  # (H, c, Nk)
+            s.masked_fill_(~allowed[lo : lo + step], float("-inf"))
+            p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+            del s
+            sink += p[..., : cfg.sink_tokens].sum((-1, -2)).double().cpu()
+            pos_q = r + (nk - nq)
+            dist = (pos_q[:, None] - torch.arange(nk, device=q.device)[None, :]).abs()
+            bins = torch.clamp(torch.log2(dist.float() + 1).floor().long(), max=cfg.distance_bins - 1)
+            flat = p.reshape(h, -1)
+            dmass += (
+                torch.zeros(h, cfg.distance_bins, device=q.device)
+                .scatter_add_(1, bins.reshape(1, -1).expand(h, -1), flat)
+                .double()
+                .cpu()
+            )
+            ent -= (p * torch.log(p.clamp_min(1e-12))).sum((-1, -2)).double().cpu()
+            unit = torch.nn.functional.normalize(p, dim=-1).reshape(h, -1)
+            gram += (unit @ unit.T).double().cpu()
+            del p, flat, unit
+        n_rows = max(len(rows), 1)
+        sink, dmass, ent = (sink / n_rows).float(), (dmass / n_rows).float(), (ent / n_rows).float()
         # mean over sampled rows of the per-row cosine between heads' attention distributions
-        P = torch.nn.functional.normalize(torch.stack(probs_all), dim=-1)  # (H, rows, Nk)
-        sim = torch.einsum("hrn,grn->hg", P, P) / max(len(rows), 1)
+        sim = (gram / n_rows).float()
         w_old, w_new = self._rows, len(rows)
         tot = w_old + w_new
 
@@ -100,6 +129,21 @@ class StatsAccumulator:
         st.sink_mass, st.distance_mass = mix(st.sink_mass, sink), mix(st.distance_mass, dmass)
         st.entropy, st.head_similarity = mix(st.entropy, ent), mix(st.head_similarity, sim)
         self._rows = tot
+
+
+def _allowed_rows(call: AttentionCall, rows: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    """``(len(rows), Nk)`` bool: which keys the sampled query ``rows`` may see (structure and mask)."""
+    allowed = torch.ones(len(rows), nk, dtype=torch.bool, device=call.q.device)
+    if call.window:
+        allowed = window_allowed(nq, nk, call.window, call.q.device)[rows]
+    elif call.causal:
+        allowed = causal_allowed(nq, nk, call.q.device)[rows]
+    if call.attn_mask is not None:
+        m = call.attn_mask[:1]
+        m = m.expand(*m.shape[:-2], nq, nk)[..., rows, :]
+        extra = m if m.dtype == torch.bool else m > -1.0e3
+        allowed = allowed & extra.reshape(-1, len(rows), nk)[0]
+    return allowed
 
 
 @contextlib.contextmanager
@@ -161,5 +205,3 @@ def calibrate(
     if missing:
         log.warning("calibration saw no call of site(s) %s", ", ".join(missing))
     return stats
-
-

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import itertools
 import json
 import warnings
@@ -41,6 +40,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from attnopt.codegen.memo import BoundedCache
 from attnopt.patterns.masks import additive_to_allowed, classify_allowed, combined_allowed, merge_allowed
 from attnopt.replacements.base import FAMILY_NAMES
 
@@ -101,14 +101,16 @@ class AttentionCall:
         key = (config_type.__qualname__, json.dumps(raw, sort_keys=True))
         cfg = _FAMILY_CONFIGS.get(key)
         if cfg is None:
-            cfg = _FAMILY_CONFIGS[key] = config_type.from_json(raw)
+            cfg = config_type.from_json(raw)
+            _FAMILY_CONFIGS[key] = cfg
         return cfg
 
 
 _C = TypeVar("_C")
-_FAMILY_CONFIGS: dict[tuple[str, str], Any] = {}
+_FAMILY_CONFIGS: BoundedCache[tuple[str, str], Any] = BoundedCache("ops.family_configs", 4096)
 
 Kernel = Callable[[AttentionCall], torch.Tensor]
+
 
 class DispatchHook:
     """The one way into a running operator: sees each call before its kernel and may redirect it.
@@ -136,7 +138,9 @@ class DispatchHook:
 #: The hook of the running thread (and asyncio task): a context variable, not a module global, so
 #: a model planned in one thread (calibration's observer, the planner's overrides) never sees or
 #: redirects the calls of a model serving in another, even when their sites have the same names.
-_HOOK: contextvars.ContextVar[DispatchHook | None] = contextvars.ContextVar("attnopt_dispatch_hook", default=None)
+_HOOK: contextvars.ContextVar[DispatchHook | None] = contextvars.ContextVar(
+    "attnopt_dispatch_hook", default=None
+)
 
 
 @contextlib.contextmanager
@@ -223,18 +227,28 @@ def register_kernel(family: str, device_type: str) -> Callable[[Kernel], Kernel]
     return deco
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_config_cached(config: str) -> dict[str, Any]:
-    return json.loads(config) if config else {}
+_PARSED_CONFIGS: BoundedCache[str, dict[str, Any]] = BoundedCache("ops.parsed_configs", 4096)
 
 
 def parse_config(config: str) -> dict[str, Any]:
-    """The operator's JSON config as a dict (cached: the same string comes every call)."""
-    return _parse_config_cached(config)
+    """The operator's JSON config as a dict (cached: the same string comes every call; do not mutate it)."""
+    parsed = _PARSED_CONFIGS.get(config)
+    if parsed is None:
+        parsed = _PARSED_CONFIGS[config] = json.loads(config) if config else {}
+    return parsed
 
 
-# Static masks depend only on shapes, so their kind at a shape never changes: check once.
-_STATIC_MASK_KINDS: dict[tuple[object, tuple[int, ...], str], tuple[str, int | None]] = {}
+# Static masks depend only on shapes, so their kind at a shape never changes: check once. Keyed by
+# the rewritten site's ``rewrite_id``; the rewriter drops a graph's entries when the graph is freed
+# (:func:`forget_rewrites`), and the bound covers what a long-lived graph accumulates.
+_STATIC_MASK_KINDS: BoundedCache[tuple[object, tuple[int, ...], str], tuple[str, int | None]] = BoundedCache(
+    "ops.static_mask_kinds", 8192
+)
+
+
+def forget_rewrites(rewrite_ids: frozenset[int]) -> None:
+    """Drop what the operators cached for these rewritten sites (their graph was freed)."""
+    _STATIC_MASK_KINDS.discard_where(lambda key: key[0] in rewrite_ids)
 
 
 def _resolve_mask(
@@ -382,15 +396,15 @@ def _run(family: str, q, k, v, attn_mask, params, scale, is_causal, config) -> t
     return out.contiguous()
 
 
-#: (site, family, error type) already warned about: one warning each per process.
-_FALLBACKS_WARNED: set[tuple[str, str, str]] = set()
+#: (site, family, error type) already warned about: one warning each per process (bounded: a
+#: process that keeps failing on new sites warns again for the oldest ones, never grows without end).
+_FALLBACKS_WARNED: BoundedCache[tuple[str, str, str], bool] = BoundedCache("ops.fallbacks_warned", 4096)
 
 
 def _warn_fallback(site: str, family: str, error: Exception) -> None:
     key = (site, family, type(error).__name__)
-    if key in _FALLBACKS_WARNED:
+    if not _FALLBACKS_WARNED.add(key):
         return
-    _FALLBACKS_WARNED.add(key)
     first = (str(error).strip().splitlines() or [""])[0][:200]
     warnings.warn(
         f"attnopt: the {family} kernel failed at site {site or '?'} ({type(error).__name__}: {first}); "

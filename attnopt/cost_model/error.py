@@ -13,10 +13,14 @@ Two numbers per (site, candidate), pooled over all samples (so long sequences we
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+import weakref
 
 import torch
 
+from attnopt.codegen.memo import BoundedCache
 from attnopt.cost_model.latency import op_config
 from attnopt.patterns.masks import combined_allowed, merge_allowed
 from attnopt.patterns.site import AttentionSite
@@ -26,16 +30,28 @@ from attnopt.replacements.exact import attention_reference
 
 __all__ = ["clear_error_cache", "candidate_output", "measure_candidate_error", "annotate_errors"]
 
-_CACHE: dict[tuple[str, str, tuple], tuple[float, float]] = {}
+#: Measured ``(error, cosine)`` by (site, config, samples' identity): two floats each.
+_CACHE: BoundedCache[tuple[str, str, tuple], tuple[float, float]] = BoundedCache("error.measurements", 16384)
+
 # Float64 references per calibration sample: computed once per site, not once per candidate.
-# Keyed by id(q) with q itself kept, so an id reused by a new tensor can never match.
-_REFERENCES: dict[int, tuple[torch.Tensor, dict]] = {}
+# Keyed by id(q) and held only while q lives (the planning run's calibration samples): the entry
+# is dropped when q is freed, so references never outlive the run that made them, and an id
+# reused by a new tensor can never match (the weak reference would be dead, or not q).
+_REFERENCES: dict[int, tuple[weakref.ref, dict]] = {}
+_REFERENCES_LOCK = threading.RLock()  # re-entrant: a weakref callback may fire inside the lock
+
+
+def _drop_reference(key: int, ref: weakref.ref) -> None:
+    with _REFERENCES_LOCK:
+        if _REFERENCES.get(key, (None,))[0] is ref:
+            del _REFERENCES[key]
 
 
 def _reference(site: AttentionSite, q, k, v, mask) -> torch.Tensor:
-    held = _REFERENCES.get(id(q))
-    if held is None or held[0] is not q:
-        held = _REFERENCES[id(q)] = (q, {})
+    with _REFERENCES_LOCK:
+        held = _REFERENCES.get(id(q))
+        if held is None or held[0]() is not q:
+            held = _REFERENCES[id(q)] = (weakref.ref(q, functools.partial(_drop_reference, id(q))), {})
     per_q = held[1]
     key = (site.name, site.scale, site.causal, site.window, id(k), id(v), id(mask))
     ref = per_q.get(key)
@@ -57,7 +73,8 @@ def _stats_key(stats: SiteStats) -> tuple:
 def clear_error_cache() -> None:
     """Forget cached error measurements."""
     _CACHE.clear()
-    _REFERENCES.clear()
+    with _REFERENCES_LOCK:
+        _REFERENCES.clear()
 
 
 def candidate_output(
@@ -116,8 +133,9 @@ def measure_candidate_error(
     if candidate.family == "exact":
         return 0.0, 1.0
     key = (site.name, candidate.config.key(), _stats_key(stats))
-    if cache and key in _CACHE:
-        return _CACHE[key]
+    hit = _CACHE.get(key) if cache else None
+    if hit is not None:
+        return hit
     err_sq = ref_sq = dot = out_sq = 0.0
     # no_grad, not inference_mode: kernels may cache tensors (layouts) that later calls update
     with torch.no_grad():

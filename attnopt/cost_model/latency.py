@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from attnopt.codegen.memo import BoundedCache
 from attnopt.cost_model._timing import median_time, paired_ratio
 from attnopt.cost_model.device_profile import DeviceProfile
 from attnopt.patterns.site import AttentionSite
@@ -167,7 +168,8 @@ def kept_heads(candidate: Candidate, num_heads: int) -> int:
     return num_heads
 
 
-_CACHE: dict[tuple[Any, ...], float] = {}
+#: Measured seconds by (operator config, shapes, dtype, device, masked): one float each.
+_CACHE: BoundedCache[tuple[Any, ...], float] = BoundedCache("latency.measurements", 16384)
 
 
 def clear_latency_cache() -> None:
@@ -222,8 +224,9 @@ def measure_latency(
 
 def _cached(key: tuple[Any, ...], cache: bool, measure) -> float:
     """``_CACHE[key]``, measured by ``measure()`` and stored on a miss (or every time without ``cache``)."""
-    if cache and key in _CACHE:
-        return _CACHE[key]
+    value = _CACHE.get(key) if cache else None
+    if value is not None:
+        return value
     value = measure()
     if cache:
         _CACHE[key] = value

@@ -30,6 +30,7 @@ import torch
 
 from attnopt._steps import timed
 from attnopt.codegen import load_kernels  # re-exported: the one kernel loader
+from attnopt.codegen.memo import BoundedCache
 from attnopt.cost_model._timing import median_time, synchronize
 from attnopt.cost_model.device_profile import (
     DeviceProfile,
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 
 #: (device name, family) whose profiling failed in this process: not retried until restart, so
 #: planning does not pay for a broken kernel on every call (the family plans at exact's speed).
-_FAILED: set[tuple[str, str]] = set()
+_FAILED: BoundedCache[tuple[str, str], bool] = BoundedCache("profiling.failed", 1024)
 
 #: (heads, seq, head_dim, causal) shapes each family is timed at on a CPU / on a GPU, most
 #: informative first (a slow family may stop early, see ``time_budget_s``).

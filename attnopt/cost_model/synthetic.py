@@ -141,7 +141,7 @@ def make_stats(
         stats.k.append(k.float().cpu())
         stats.v.append(v.float().cpu())
         stats.attn_mask.append(None)
-        stats.lengths.append((q.shape[-2], k.shape[-2]))
+        stats.record_length(q.shape[-2], k.shape[-2])
         one = attention_statistics(q, k, scale=site.scale, causal=site.causal, window=site.window)
         for key, value in one.items():
             parts.setdefault(key, []).append(value)

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SiteStats"]
+__all__ = ["MAX_LENGTHS", "SiteStats"]
+
+#: Distinct ``(q_len, kv_len)`` pairs a :class:`SiteStats` remembers.
+MAX_LENGTHS = 64
 
 
 @dataclass
@@ -36,7 +39,8 @@ class SiteStats:
         head_similarity: ``(H, H)`` mean cosine similarity of attention rows between heads
             (query heads; rows sampled at the same positions).
         num_calls: how many site calls were seen.
-        lengths: ``(q_len, kv_len)`` of every call seen.
+        lengths: the distinct ``(q_len, kv_len)`` of the calls seen, most recent last, at most
+            :data:`MAX_LENGTHS` of them (so the record does not grow with the calibration set).
     """
 
     site: str
@@ -57,6 +61,14 @@ class SiteStats:
     @property
     def num_heads(self) -> int:
         return self.q[0].shape[1] if self.q else 0
+
+    def record_length(self, q_len: int, kv_len: int) -> None:
+        """Note one call's lengths: moved to the end if seen before, the oldest dropped past the bound."""
+        pair = (q_len, kv_len)
+        if pair in self.lengths:
+            self.lengths.remove(pair)
+        self.lengths.append(pair)
+        del self.lengths[:-MAX_LENGTHS]
 
     def samples(self):
         """Iterate ``(q, k, v, attn_mask)`` over the kept sequences."""

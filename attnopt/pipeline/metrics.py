@@ -16,7 +16,7 @@ import torch
 
 from attnopt.cost_model.budget import Budget
 
-__all__ = ["default_metric", "output_error", "resolve_metric"]
+__all__ = ["Judged", "default_metric", "judged", "output_error", "resolve_metric"]
 
 log = logging.getLogger("attnopt")
 
@@ -24,6 +24,34 @@ log = logging.getLogger("attnopt")
 #: Output fields a model call is judged by, most telling first: a language model's logits, a
 #: sentence embedding (sentence-transformers), pooled and per-token hidden states.
 _PRIMARY_KEYS = ("logits", "sentence_embedding", "last_hidden_state", "token_embeddings", "pooler_output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Judged:
+    """What :func:`output_error` reads of one model output: its primary tensor and its loss.
+
+    Kept in place of a whole output where exact outputs are held for many calls (the held-out
+    check): a language model's output also carries hidden states or a cache, often several
+    times the logits' size.
+    """
+
+    key: str | None
+    primary: torch.Tensor
+    loss: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return self.primary.nbytes + (self.loss.nbytes if self.loss is not None else 0)
+
+
+def judged(out: Any) -> Judged:
+    """The part of ``out`` that :func:`output_error` compares (see :class:`Judged`)."""
+    if isinstance(out, Judged):
+        return out
+    key, tensor = _primary_field(out)
+    loss = getattr(out, "loss", None)
+    return Judged(key, tensor.detach(), loss.detach() if isinstance(loss, torch.Tensor) else None)
 
 
 def _field(out: Any, key: str) -> Any:
@@ -40,6 +68,8 @@ def _primary_field(out: Any) -> tuple[str | None, torch.Tensor]:
     """
     if isinstance(out, torch.Tensor):
         return None, out
+    if isinstance(out, Judged):
+        return out.key, out.primary
     for key in _PRIMARY_KEYS:
         v = _field(out, key)
         if isinstance(v, torch.Tensor):
@@ -100,7 +130,9 @@ def output_error(planned: Any, exact: Any, metric: str) -> float:
         observed = float(torch.exp(lp) / torch.exp(le) - 1.0) if lp is not None and le is not None else 0.0
         return max(expected, observed)
     if metric == "cosine":
-        cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
+        cos = torch.nn.functional.cosine_similarity(
+            a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1
+        )
         return float(1.0 - cos.min())
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
@@ -130,6 +162,10 @@ def resolve_metric(budget: Budget, out: Any, calls: list[tuple[tuple, dict]]) ->
     metric = default_metric(out)
     if metric == "output_rel_error" and "labels" in calls[0][1]:
         metric = "perplexity"
-    log.info("metric: %s (from %s's output), tolerance %g", metric, type(out).__name__,
-             dataclasses.replace(budget, metric=metric).tolerance)
+    log.info(
+        "metric: %s (from %s's output), tolerance %g",
+        metric,
+        type(out).__name__,
+        dataclasses.replace(budget, metric=metric).tolerance,
+    )
     return dataclasses.replace(budget, metric=metric)

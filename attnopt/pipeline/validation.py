@@ -22,7 +22,7 @@ from attnopt.cost_model.budget import Budget
 from attnopt.cost_model.plan import Plan
 from attnopt.cost_model.planner import SITE_ERROR_CAP
 from attnopt.cost_model.planning import PlanProblem
-from attnopt.pipeline.metrics import output_error
+from attnopt.pipeline.metrics import Judged, judged, output_error
 from attnopt.replacements.base import Candidate
 from attnopt.rewriter.calls import fresh_args
 from attnopt.rewriter.overrides import OverrideTable, overrides, plan_overrides
@@ -57,19 +57,42 @@ WIDER_SITE_ERROR_CAPS = (0.3, 0.6)
 END_TO_END_CALLS = 1
 
 
-def _run_calls(model: torch.nn.Module, calls: list[tuple[tuple, dict]]) -> list[Any]:
+#: Bytes of exact outputs kept between checks (the judged part only, see
+#: :class:`~attnopt.pipeline.metrics.Judged`). Calls past it have their exact output recomputed
+#: beside each check instead, so memory does not grow with the number of held-out calls.
+REFERENCE_BYTES = 256 << 20
+
+
+def _run(model: torch.nn.Module, call: tuple[tuple, dict]) -> Any:
+    args, kwargs = call
     with torch.no_grad():
-        return [model(*fresh_args(a), **k) for a, k in calls]
+        return model(*fresh_args(args), **kwargs)
 
 
 def _error_against(model: torch.nn.Module, calls, budget: Budget) -> Callable[[OverrideTable], float]:
-    """``error(table) -> float``: the budget's metric with the operator overrides ``table`` vs exact."""
-    exact_out = _run_calls(model, calls)
+    """``error(table) -> float``: the budget's metric with the operator overrides ``table`` vs exact.
+
+    One call's outputs are alive at a time; exact outputs are kept up to :data:`REFERENCE_BYTES`.
+    """
+    kept: list[Judged | None] = []
+    room = REFERENCE_BYTES
+    for call in calls:
+        ref = judged(_run(model, call))
+        kept.append(ref if ref.nbytes <= room else None)
+        room -= ref.nbytes if ref.nbytes <= room else 0
+        del ref
 
     def error(table: OverrideTable) -> float:
-        with overrides(table):
-            planned = _run_calls(model, calls)
-        return max(output_error(p, e, budget.metric) for p, e in zip(planned, exact_out))
+        worst = 0.0
+        for call, ref in zip(calls, kept):
+            exact = ref if ref is not None else judged(_run(model, call))
+            with overrides(table):
+                planned = judged(_run(model, call))
+            err = output_error(planned, exact, budget.metric)
+            if math.isnan(err):
+                return math.inf  # a NaN output fails the check, whatever the other calls give
+            worst = max(worst, err)
+        return worst
 
     return error
 
@@ -108,7 +131,12 @@ def measure_end_to_end(
 
 
 def validate_plan(
-    model: torch.nn.Module, problem: PlanProblem, plan: Plan, train: list, held: list, timings: dict[str, float]
+    model: torch.nn.Module,
+    problem: PlanProblem,
+    plan: Plan,
+    train: list,
+    held: list,
+    timings: dict[str, float],
 ) -> tuple[Plan, list[str]]:
     """Re-plan on end-to-end errors where they can be measured, then check on ``held`` until it holds.
 
@@ -137,7 +165,9 @@ def validate_plan(
     return plan, steps
 
 
-def validate_and_tighten(problem: PlanProblem, plan: Plan, check: Callable[[Plan], float]) -> tuple[Plan, list[str]]:
+def validate_and_tighten(
+    problem: PlanProblem, plan: Plan, check: Callable[[Plan], float]
+) -> tuple[Plan, list[str]]:
     """Check the plan end to end on held-out calls; tighten and re-solve until it holds.
 
     Planned on end-to-end errors, the summed one-site errors fell short of the real deviation
@@ -156,7 +186,9 @@ def validate_and_tighten(problem: PlanProblem, plan: Plan, check: Callable[[Plan
         err = check(plan)
         plan.totals["validated_error"] = err
         if err <= tol:
-            steps.append(f"validated: end-to-end {metric} {err:.3g} <= {tol:g} on {check.calls} held-out call(s)")
+            steps.append(
+                f"validated: end-to-end {metric} {err:.3g} <= {tol:g} on {check.calls} held-out call(s)"
+            )
             break
         varied = [e for e in plan.entries if e.family != "exact"]
         if not varied:
@@ -207,7 +239,9 @@ def widen(problem: PlanProblem, plan: Plan, check: Callable[[Plan], float]) -> t
     for cap in WIDER_SITE_ERROR_CAPS:
         if plan.feasible:
             break
-        admitted = [c for cands in candidates.values() for c in cands if previous < (c.error or math.inf) <= cap]
+        admitted = [
+            c for cands in candidates.values() for c in cands if previous < (c.error or math.inf) <= cap
+        ]
         previous = cap
         if not admitted:
             continue  # this cap lets in nothing the last one did not

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import sys
@@ -140,7 +141,9 @@ def route_reason(model: torch.nn.Module, site_names: list[str]) -> str | None:
             return f"module {path!r} of site {name} is not in the model"
         config = _config(module)
         if config is None or not _dispatches(module):
-            return f"{type(module).__name__} ({path}) does not dispatch through transformers' AttentionInterface"
+            return (
+                f"{type(module).__name__} ({path}) does not dispatch through transformers' AttentionInterface"
+            )
         if _original(config) not in ("sdpa", "eager"):
             return f"{path} runs attn_implementation {_original(config)!r}"
     return None
@@ -148,8 +151,15 @@ def route_reason(model: torch.nn.Module, site_names: list[str]) -> str | None:
 
 # -- installing -------------------------------------------------------------------------------
 
-#: Configs routed now: id -> (weak reference, the implementation they had before).
+#: Configs routed now: id -> (weak reference, the implementation they had before). An entry goes
+#: on :func:`unroute`, or when its config is freed with a model that was dropped while routed.
 _ROUTED: dict[int, tuple[weakref.ref, str]] = {}
+
+
+def _drop_route(key: int, ref: weakref.ref) -> None:
+    """The callback of a routed config's weak reference: forget the entry when the config is freed."""
+    if _ROUTED.get(key, (None,))[0] is ref:
+        del _ROUTED[key]
 
 
 def _original(config: Any) -> str | None:
@@ -202,7 +212,13 @@ def route(
         if op_family(choice) != "exact":
             config_json = op_config(name, choice, mask_static=False, causal_align="top_left")
         module.__dict__[_ATTR] = SiteRoute(
-            name, choice, config_json, want.get("num_heads"), want.get("num_kv_heads"), want.get("head_dim"), coverage
+            name,
+            choice,
+            config_json,
+            want.get("num_heads"),
+            want.get("num_kv_heads"),
+            want.get("head_dim"),
+            coverage,
         )
         configs[id(config)] = config
     # Attention modules sharing a routed config but absent from the plan (sites found but not
@@ -211,7 +227,8 @@ def route(
         if _ATTR not in module.__dict__ and _dispatches(module) and id(_config(module)) in configs:
             module.__dict__[_ATTR] = SiteRoute(f"{path}#0", Choice("exact"), None)
     for config in configs.values():
-        _ROUTED[id(config)] = (weakref.ref(config), _original(config))
+        original = _original(config)
+        _ROUTED[id(config)] = (weakref.ref(config, functools.partial(_drop_route, id(config))), original)
         config._attn_implementation = ROUTE_NAME
     if coverage is not None:
         _arm_first_call_check(model)
@@ -316,7 +333,15 @@ def attention(
         or kwargs.get("output_attentions")
     ):
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     # transformers' SDPA rule: the flag holds only without a mask and beyond one query.

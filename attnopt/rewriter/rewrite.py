@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from attnopt.codegen.ops import op_for
+from attnopt.codegen.memo import forget_when_freed
+from attnopt.codegen.ops import forget_rewrites, op_for
 from attnopt.patterns.canon import is_assertion, node_dtype
 from attnopt.patterns.records import SiteMatch
 from attnopt.patterns.site import AttentionSite
@@ -234,4 +235,17 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[AttentionSite], choices: dict[
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
+        ids = _rewrite_ids(gm)
+        if ids:  # the operators' per-site caches go with the graph
+            forget_when_freed(gm, forget_rewrites, ids)
     return n
+
+
+def _rewrite_ids(gm: fx.GraphModule) -> frozenset[int]:
+    """The ``rewrite_id`` of every attnopt operator call in ``gm`` (see :func:`op_config`)."""
+    ids = set()
+    for node in gm.graph.nodes:
+        for arg in node.args:
+            if isinstance(arg, str) and '"rewrite_id"' in arg:
+                ids.add(json.loads(arg)["rewrite_id"])
+    return frozenset(ids)

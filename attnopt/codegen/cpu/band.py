@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from attnopt.codegen.cpu.pool import MAX_TILE, run_items, scratch
+from attnopt.codegen.memo import BoundedCache
 from attnopt.patterns.masks import as_additive
 
 __all__ = [
@@ -60,7 +61,8 @@ SMALL_WINDOW = 160
 SMALL_WINDOW_CHUNK = 32
 
 _NEG_INF = float("-inf")
-_BIASES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+#: Band and sink biases by chunk, window, sink, (position, chunks) and dtype: a few KB each.
+_BIASES: BoundedCache[tuple, tuple[torch.Tensor, torch.Tensor]] = BoundedCache("cpu.band_biases", 256)
 
 
 def band_chunk(window: int) -> int:
@@ -351,13 +353,14 @@ def _band_bias(chunk: int, window: int, sink: int, dtype: torch.dtype) -> tuple[
     absolute position ``p0``; row ``i`` may see it iff ``i <= j <= i + W - 1``.
     """
     key = (chunk, window, sink, dtype)
-    if key not in _BIASES:
+    pair = _BIASES.get(key)
+    if pair is None:
         i = torch.arange(chunk)[:, None]
         j = torch.arange(chunk + window - 1)[None, :]
         allowed = (j >= i) & (j <= i + window - 1)
         bias = as_additive(allowed, dtype)
-        _BIASES[key] = (bias[:, : chunk - 1].contiguous(), bias[:, window:].contiguous())
-    return _BIASES[key]
+        pair = _BIASES[key] = (bias[:, : chunk - 1].contiguous(), bias[:, window:].contiguous())
+    return pair
 
 
 def _sink_bias(
@@ -365,12 +368,13 @@ def _sink_bias(
 ) -> torch.Tensor:
     """``(nchunks, C, sink)`` bias: a sink key counts only where the window does not already hold it."""
     key = ("sink", chunk, window, sink, pos0, nchunks, dtype)
-    if key not in _BIASES:
+    pair = _BIASES.get(key)
+    if pair is None:
         p = pos0 + torch.arange(nchunks * chunk).view(nchunks, chunk, 1)
         j = torch.arange(sink).view(1, 1, sink)
         bias = torch.zeros(nchunks, chunk, sink, dtype=dtype).masked_fill_(j >= p - window + 1, _NEG_INF)
-        _BIASES[key] = (bias, bias)
-    return _BIASES[key][0]
+        pair = _BIASES[key] = (bias, bias)
+    return pair[0]
 
 
 def _add_band_mask(s, mh, row0: int, key0: int, n: int, chunk: int, band: int, extra: int) -> None:

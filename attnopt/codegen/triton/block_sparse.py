@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnopt.codegen.memo import BoundedCache
 from attnopt.codegen.ops import AttentionCall, register_kernel
 from attnopt.codegen.triton import source
 from attnopt.codegen.triton._common import (
@@ -411,7 +412,7 @@ def layout_from_block_layout(layout) -> dict:  # noqa: ANN001
 # attnopt::block_sparse on CUDA
 # ------------------------------------------------------------------------------------------
 
-_STATIC_LAYOUTS: dict[tuple, object] = {}
+_STATIC_LAYOUTS: BoundedCache[tuple, object] = BoundedCache("triton.static_layouts", 256)
 
 
 @register_kernel("block_sparse", "cuda")

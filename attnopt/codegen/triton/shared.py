@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnopt.codegen.memo import BoundedCache
 from attnopt.codegen.ops import AttentionCall, register_kernel
 from attnopt.codegen.triton import source
 from attnopt.codegen.triton._common import (
@@ -137,7 +138,7 @@ def _shared_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
 
 
-_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]] = {}
+_TABLES: BoundedCache[tuple, tuple] = BoundedCache("triton.shared_tables", 256)
 
 
 def member_table(
@@ -251,7 +252,9 @@ def shared_attention(
     return out
 
 
-_CONFIG_PARAMS: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
+_CONFIG_PARAMS: BoundedCache[tuple[str, int], tuple[torch.Tensor, ...]] = BoundedCache(
+    "triton.shared_params", 256
+)
 
 
 @register_kernel("shared", "cuda")
@@ -268,9 +271,10 @@ def shared_kernel(call: AttentionCall) -> torch.Tensor:
 
         cfg = call.family_config(SharedConfig)
         key = (cfg.key(), call.q.shape[1])
-        if key not in _CONFIG_PARAMS:  # keep one tensor pair per config, so member_table's cache hits
-            _CONFIG_PARAMS[key] = tuple(shared_params(cfg, call.q.shape[1]))
-        cluster_of_head, representatives = _CONFIG_PARAMS[key]
+        pair = _CONFIG_PARAMS.get(key)
+        if pair is None:  # keep one tensor pair per config, so member_table's cache hits
+            pair = _CONFIG_PARAMS[key] = tuple(shared_params(cfg, call.q.shape[1]))
+        cluster_of_head, representatives = pair
     return shared_attention(
         call.q, call.k, call.v, cluster_of_head, representatives, scale=call.scale, causal=call.causal,
         window=call.window,

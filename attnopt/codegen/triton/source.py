@@ -15,17 +15,18 @@ import hashlib
 import inspect
 import json
 import pathlib
-import threading
 from typing import Any
 
 import torch
 import triton
 
+from attnopt.codegen.memo import BoundedCache
+
 __all__ = ["LAUNCHED", "clear_launches", "kernel_source", "record_launch", "write_sources"]
 
 #: (kernel name, sorted constexpr items) -> (kernel object, constexprs); filled by the wrappers.
-LAUNCHED: dict[tuple[str, tuple], tuple[Any, dict[str, Any]]] = {}
-_LOCK = threading.Lock()
+#: Bounded: a serving process that sees ever new shapes keeps the most recent specialisations.
+LAUNCHED: BoundedCache[tuple[str, tuple], tuple[Any, dict[str, Any]]] = BoundedCache("triton.launches", 1024)
 
 
 def _is_jit(obj: Any) -> bool:
@@ -79,14 +80,12 @@ def record_launch(kernel: Any, constexprs: dict[str, Any]) -> None:
     """Remember that ``kernel`` ran with ``constexprs`` (cheap: a dict insert per new specialisation)."""
     key = (_jit_function(kernel).fn.__name__, tuple(sorted(constexprs.items())))
     if key not in LAUNCHED:
-        with _LOCK:
-            LAUNCHED.setdefault(key, (kernel, dict(constexprs)))
+        LAUNCHED[key] = (kernel, dict(constexprs))
 
 
 def clear_launches() -> None:
     """Forget recorded launches (e.g. before running one plan, to save only its kernels)."""
-    with _LOCK:
-        LAUNCHED.clear()
+    LAUNCHED.clear()
 
 
 def write_sources(directory: str | pathlib.Path) -> list[pathlib.Path]:
@@ -98,8 +97,7 @@ def write_sources(directory: str | pathlib.Path) -> list[pathlib.Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     index = []
     paths = []
-    with _LOCK:
-        items = list(LAUNCHED.items())
+    items = LAUNCHED.items()
     for (name, _), (kernel, constexprs) in items:
         best = getattr(kernel, "best_config", None)
         text = kernel_source(kernel, constexprs, str(best) if best is not None else None)
