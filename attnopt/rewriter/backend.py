@@ -25,7 +25,7 @@ from attnopt.patterns.site import AttentionSite
 from attnopt.rewriter.rewrite import Choice, rewrite_graph
 from attnopt.rewriter.verify import SiteCoverage
 
-__all__ = ["RewriteBackend", "attnopt_backend"]
+__all__ = ["RewriteBackend", "WeakBackend", "attnopt_backend", "weakly"]
 
 log = logging.getLogger("attnopt.rewriter")
 
@@ -46,6 +46,11 @@ class RewriteBackend:
             a decorator, ``torch.compile(model.forward)``). Held weakly.
         coverage: records the sites met in every graph, for the installed forward's check
             that the plan matched (:class:`~attnopt.rewriter.verify.SiteCoverage`).
+
+    Without Inductor the backend keeps the rewritten graphs itself (:attr:`graphs`) and hands
+    dynamo a function that holds them weakly: dynamo keeps every backend and compiled function
+    it is given until ``torch._dynamo.reset()``, so the graphs (and the fitted tensors they hold)
+    would otherwise outlive the model that :func:`~attnopt.rewriter.install.install` put them on.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class RewriteBackend:
         self._root = weakref.ref(root) if root is not None else None
         self.coverage = coverage
         self.compiles: list[dict[str, Any]] = []
+        self.graphs: list[fx.GraphModule] = []
 
     def module_names(self) -> dict[int, str] | None:
         """``id -> name`` of the root's modules now (recomputed: the user may change the model)."""
@@ -106,7 +112,40 @@ class RewriteBackend:
             banked = _bank_plan_tensors(gm)
             compiled = compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode, options))
             return _owning(compiled, banked) if banked else compiled
-        return gm.forward
+        self.graphs.append(gm)
+        return weakly(gm)
+
+
+def weakly(gm: fx.GraphModule) -> Callable:
+    """``gm``'s forward through a weak reference (see :class:`RewriteBackend`)."""
+    ref = weakref.ref(gm)
+
+    def run(*args: Any) -> Any:
+        graph = ref()
+        if graph is None:
+            raise RuntimeError(
+                "attnopt: this compiled graph was freed with the model it was captured from; optimise the model again."
+            )
+        return graph(*args)
+
+    return run
+
+
+class WeakBackend:
+    """What dynamo is given in place of a :class:`RewriteBackend`: a weak reference to it.
+
+    Dynamo keeps each backend passed to ``torch.compile`` for the life of the process; this one
+    is a few bytes, and the real backend (with its graphs) lives as long as the model holding it.
+    """
+
+    def __init__(self, backend: RewriteBackend) -> None:
+        self._backend = weakref.ref(backend)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any):
+        backend = self._backend()
+        if backend is None:
+            raise RuntimeError("attnopt: the model this graph was captured for was freed; optimise the model again.")
+        return backend(gm, example_inputs, **kwargs)
 
 
 def _inductor_patches(mode: str | None, options: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from attnopt.rewriter.backend import weakly
+
 __all__ = ["Captured", "CapturedPart", "CaptureError", "capture", "capture_parts", "CAPTURE_METHODS"]
 
 log = logging.getLogger("attnopt.rewriter")
@@ -51,14 +53,20 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
 
 def _dynamo(model: torch.nn.Module, args: tuple, kwargs: dict) -> Captured:
     graphs: list[tuple[fx.GraphModule, list[Any]]] = []
+    # Dynamo keeps the backend for the life of the process: it reaches the list through a box
+    # emptied once capture is done, so neither the graphs nor their example inputs stay behind.
+    box = [graphs]
 
     def backend(gm: fx.GraphModule, example_inputs: list[Any]):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
+        box[0].append((gm, list(example_inputs)))
+        return weakly(gm)
 
     compiled = torch.compile(model, backend=backend, dynamic=False)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            compiled(*args, **kwargs)
+    finally:
+        box.clear()
     if not graphs:
         raise RuntimeError("dynamo produced no graph")
     return Captured("dynamo", graphs)

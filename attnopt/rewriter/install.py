@@ -12,12 +12,13 @@ anything dynamo cannot capture runs eagerly, unchanged. Under ``torch.export`` t
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from attnopt.rewriter.backend import ChoiceFn, RewriteBackend
+from attnopt.rewriter.backend import ChoiceFn, RewriteBackend, WeakBackend
 from attnopt.rewriter.export_mode import planned_sdpa
 from attnopt.rewriter.hf_route import routed_sites, unroute
 from attnopt.rewriter.rewrite import Choice
@@ -63,7 +64,7 @@ def install(
     backend = RewriteBackend(choose, prefix=prefix, root=model, coverage=coverage)
     original = model.forward
     checked = False
-    compiled = torch.compile(original, backend=backend, dynamic=None)
+    compiled = torch.compile(_own_code(original), backend=WeakBackend(backend), dynamic=None)
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
@@ -89,6 +90,28 @@ def install(
     model.forward = forward
     setattr(model, _ATTR, (backend, original))
     return model
+
+
+_ENTRIES = itertools.count()
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` behind an entry function whose code object belongs to this installation alone.
+
+    Dynamo keeps compiled graphs on the code object of the function it compiles, keyed by
+    backend, and drops an entry only with its code. Compiling each model's own
+    ``Class.forward`` would leave one entry per optimised model on the shared class code, never
+    evicted, until dynamo's recompile limit (64) stops compiling that class and the next model
+    of it cannot run its plan. A per-installation entry point takes its entries with it when
+    the model is freed; dynamo inlines ``fn`` into it.
+    """
+
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    name = f"attnopt_forward_{next(_ENTRIES)}"
+    entry.__code__ = entry.__code__.replace(co_name=name, co_qualname=name)
+    return entry
 
 
 def uninstall(model: torch.nn.Module) -> torch.nn.Module:
