@@ -221,3 +221,17 @@ def test_fuzz_spellings_smoke_counts_every_property(tmp_path):
         assert t["failed"] == 0, (name, t["failures"])
         assert sum(t["axes"]["layout"].values()) == 3
     assert "| found | 3 | 3 | 0 |" in (tmp_path / "fuzz_spellings.md").read_text()
+
+
+def test_memory_smoke_measures_planning_and_cycles(tmp_path):
+    result = _load_script("memory").main(["--smoke", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "memory.json").read_text()) == json.loads(json.dumps(result))
+    for row in result["planning"]:
+        assert "error" not in row, row
+        assert row["planning_peak_mb"] >= row["rss_before_mb"] > 0
+    small, large = result["planning"]
+    assert small["calibration_state_mb"] == large["calibration_state_mb"]  # 6 or 12 calls: the same state
+    for c in result["cycles"]:
+        assert "error" not in c, c
+        assert c["all_freed"] and c["registries_after"] == c["registries_before"], c
+    assert "| nanogpt | 3 |" in (tmp_path / "memory.md").read_text()

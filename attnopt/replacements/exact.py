@@ -16,6 +16,10 @@ from attnopt.patterns.masks import combined_allowed, repeat_kv_heads  # re-expor
 __all__ = ["attention_reference", "repeat_kv_heads", "combined_allowed"]
 
 
+#: Largest block of scores the reference forms at once (16M elements: 128 MiB in float64).
+REFERENCE_BLOCK_ELEMENTS = 1 << 24
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -42,18 +46,30 @@ def attention_reference(
     k = repeat_kv_heads(k, num_heads)
     v = repeat_kv_heads(v, num_heads)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)) * scale
-    structural = combined_allowed(q.shape[-2], k.shape[-2], causal=causal, window=window, device=q.device)
-    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
-    if structural is not None:
-        scores = torch.where(structural, scores, neg_inf)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = torch.where(attn_mask, scores, neg_inf)
-        else:
-            scores = scores + attn_mask.to(scores.dtype)
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(v.dtype)
-    return probs @ v
+    nq, nk = q.shape[-2], k.shape[-2]
+    structural = combined_allowed(nq, nk, causal=causal, window=window, device=q.device)
+    if attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] == 1:
+        attn_mask = attn_mask.expand(*attn_mask.shape[:-2], nq, attn_mask.shape[-1])
+    # Query rows in blocks of at most REFERENCE_BLOCK_ELEMENTS scores: rows are independent, and
+    # a float64 reference at N=8192 would otherwise build several (B, H, N, N) tensors at once.
+    step = max(1, REFERENCE_BLOCK_ELEMENTS // max(q.shape[0] * num_heads * nk, 1))
+    out = []
+    for lo in range(0, nq, step):
+        hi = min(lo + step, nq)
+        scores = (q[..., lo:hi, :] @ k.transpose(-1, -2)) * scale
+        neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+        if structural is not None:
+            scores = torch.where(structural[lo:hi], scores, neg_inf)
+        if attn_mask is not None:
+            m = attn_mask[..., lo:hi, :] if attn_mask.dim() >= 2 else attn_mask
+            if m.dtype == torch.bool:
+                scores = torch.where(m, scores, neg_inf)
+            else:
+                scores = scores + m.to(scores.dtype)
+        probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(v.dtype)
+        del scores
+        out.append(probs @ v)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
 
 
 # --- the exact family ---------------------------------------------------------------------
